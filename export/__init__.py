@@ -1,0 +1,1 @@
+"""torch -> ONNX bundles with proven parity (needs the ``train`` extra)."""

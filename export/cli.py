@@ -1,0 +1,59 @@
+"""``seqserve export CHECKPOINT --out REPO/NAME/VERSION``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="a training checkpoint (best.pt)")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory REPO/NAME/VERSION (VERSION: an integer)")
+    p.add_argument("--quantize", choices=("int8",), help="write an int8 (dynamic quantization) bundle instead of fp32")
+    p.add_argument("--optimize", action="store_true", help="apply onnxruntime's offline graph optimisation")
+    p.add_argument("--parity-limit", type=int, default=0, help="check parity on the first N dev inputs (0: all)")
+    p.add_argument("--beam", type=int, default=5, help="beam size of the n-best parity check")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import ExportError
+    from export.pipeline import ExportOptions, export_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        version = int(args.out.name)
+        if version < 1:
+            raise ValueError
+    except ValueError:
+        print(
+            f"seqserve export: --out must end in a positive integer version directory, got {args.out}", file=sys.stderr
+        )
+        return 2
+    if not args.checkpoint.is_file():
+        print(f"seqserve export: no checkpoint at {args.checkpoint}", file=sys.stderr)
+        return 2
+    opts = ExportOptions(
+        name=args.out.parent.name,
+        version=version,
+        quantize=args.quantize or "",
+        optimize=args.optimize,
+        parity_limit=args.parity_limit,
+        beam=args.beam,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    try:
+        manifest = export_checkpoint(args.checkpoint, args.out, opts)
+    except ExportError as exc:
+        print(f"seqserve export: {exc}", file=sys.stderr)
+        return 1
+    summary = {"bundle": str(args.out), "parity": {k: v for k, v in manifest.parity.items() if k != "mismatches"}}
+    if manifest.quantization:
+        summary["quantization"] = manifest.quantization
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,1 @@
+"""gRPC edge: validate, convert protobuf <-> domain values, await the engine. Protobuf stops here."""

@@ -1,0 +1,195 @@
+"""The ``seqserve`` command: serve, translate, models (serving install); train, eval, export (train extra)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import grpc
+from seqserve.v1 import seqserve_pb2 as pb
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-repository", type=Path, default=Path("models"), help="directory of <model>/<version>/")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=8000, help="Prometheus /metrics port (-1: off)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per session")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between repository scans (0: off)")
+    p.add_argument(
+        "--batching",
+        choices=("step", "request"),
+        default="step",
+        help="step: join/leave the batch at every decoder step; request: whole batches",
+    )
+    p.add_argument("--max-rows", type=int, default=1024, help="hypothesis rows per decoder step")
+    p.add_argument("--max-queue", type=int, default=4096, help="sources waiting; beyond: RESOURCE_EXHAUSTED")
+    p.add_argument("--max-queue-wait-ms", type=int, default=30_000, help="longest wait before joining a batch")
+    p.add_argument("--max-batch", type=int, default=64, help="request batching: sources per batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="request batching: time to collect a batch")
+    p.add_argument("--max-sources", type=int, default=256, help="sources per request")
+    p.add_argument("--max-source-length", type=int, default=256, help="source tokens")
+    p.add_argument("--max-output-length", type=int, default=512, help="output tokens")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds to finish running requests on SIGTERM")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from service.api.convert import Limits
+    from service.engine.scheduler import EngineSettings
+    from service.server import ServerSettings, serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = EngineSettings(
+        batching=args.batching,
+        max_rows=args.max_rows,
+        max_queue=args.max_queue,
+        max_queue_wait_ms=args.max_queue_wait_ms,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+    )
+    try:
+        engine.validate()
+    except ValueError as exc:
+        print(f"seqserve serve: {exc}", file=sys.stderr)
+        return 2
+    if not args.model_repository.is_dir():
+        print(f"seqserve serve: model repository {args.model_repository} is not a directory", file=sys.stderr)
+        return 2
+    settings = ServerSettings(
+        model_repository=args.model_repository,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        threads=args.threads,
+        device=args.device,
+        poll_interval_s=args.poll_interval,
+        grace_s=args.grace,
+        engine=engine,
+        limits=Limits(
+            max_sources=args.max_sources,
+            max_source_length=args.max_source_length,
+            max_output_length=args.max_output_length,
+        ),
+    )
+    try:
+        return asyncio.run(serve(settings))
+    except OSError as exc:
+        print(f"seqserve serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def _translate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("texts", nargs="*", help="source strings (default: one per line on standard input)")
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    p.add_argument("--model", required=True)
+    p.add_argument("--version", type=int, default=0, help="0: the highest ready version")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--n-best", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    p.add_argument("--json", action="store_true", help="print the full response as JSON")
+
+
+def _run_translate(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from service.client import Client
+
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        print("seqserve translate: no input text", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.server, args.timeout) as client:
+            response = client.translate(
+                args.model,
+                texts,
+                version=args.version,
+                beam_size=args.beam,
+                num_hypotheses=args.n_best,
+                max_length=args.max_length,
+            )
+    except grpc.RpcError as exc:
+        print(f"seqserve translate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
+        return 0
+    for t in response.translations:
+        for h in t.hypotheses:
+            print(h.text if args.n_best == 1 else f"{h.score:.4f}\t{h.text}")
+    return 0
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    try:
+        with Client(args.server, 10.0) as client:
+            response = client.list_models()
+    except grpc.RpcError as exc:
+        print(f"seqserve models: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    for m in response.models:
+        state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_")
+        print(f"{m.name}\t{m.version}\t{state}\t{m.architecture or m.reason}")
+    return 0
+
+
+def _torch_side(module: str, func: str, args: argparse.Namespace) -> int:
+    """train / eval / export live in the train extra; torch is imported only when one of them runs."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name in ("torch", "onnx", "tqdm"):
+            print(
+                f"seqserve {args.command}: needs the training extra: pip install 'seqserve[train]' "
+                f"({exc.name} is missing)",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+    result: int = getattr(mod, func)(args)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from export.cli import add_export_args
+    from training.cli import add_eval_args, add_train_args
+
+    parser = argparse.ArgumentParser(prog="seqserve", description="Serve recurrent seq2seq models over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_args(sub.add_parser("serve", help="run the gRPC server"))
+    _translate_args(sub.add_parser("translate", help="call a server's Translate"))
+    models = sub.add_parser("models", help="list a server's models")
+    models.add_argument("--server", default="127.0.0.1:50051")
+    add_train_args(sub.add_parser("train", help="train a model (needs seqserve[train])"))
+    add_eval_args(sub.add_parser("eval", help="score a checkpoint on the CMUdict test split (needs seqserve[train])"))
+    add_export_args(sub.add_parser("export", help="export a checkpoint to a bundle (needs seqserve[train])"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _run_serve(args)
+    if args.command == "translate":
+        return _run_translate(args)
+    if args.command == "models":
+        return _run_models(args)
+    if args.command == "train":
+        return _torch_side("training.cli", "run_train", args)
+    if args.command == "eval":
+        return _torch_side("training.cli", "run_eval", args)
+    return _torch_side("export.cli", "run_export", args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Batching engine: pure beam search and scheduling, the decode batch, and the asyncio engine."""

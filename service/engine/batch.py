@@ -1,0 +1,227 @@
+"""The running decode batch: rows of every active search and their recurrent state.
+
+Rows of one search are contiguous (``K`` of them). A search joins at the next step with its
+encoder output repeated K times, and leaves the moment it is done; each step gathers every
+recurrent state with one index (``select``), which both follows each hypothesis and drops the
+rows of searches that left. Pure numpy plus a runtime object with ``encode`` / ``step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from service.engine.beam import BeamSearch
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+
+class StepResult(Protocol):
+    log_probs: FloatArray  # [N, V']
+    states: list[FloatArray]  # each [L, N, H]
+    feed: FloatArray  # [N, H]
+    attention: FloatArray  # [N, S]
+
+
+class DecoderRuntime(Protocol):
+    """What the batch needs from a runtime (the onnxruntime one, or a fake in tests)."""
+
+    def encode(self, src: IntArray, src_len: IntArray) -> tuple[FloatArray, list[FloatArray]]: ...
+
+    def step(
+        self,
+        tokens: IntArray,
+        states: list[FloatArray],
+        feed: FloatArray,
+        memory: FloatArray,
+        src_len: IntArray,
+        step: IntArray,
+        src_ext: IntArray | None = None,
+    ) -> StepResult: ...
+
+    def initial_feed(self, rows: int) -> FloatArray: ...
+
+
+@dataclass(eq=False)
+class Job:
+    """One source being decoded; ``tag`` is the engine's handle (a future, a request id...)."""
+
+    search: BeamSearch
+    src_ids: list[int]
+    src_ext: list[int] | None = None
+    tag: Any = None
+    joined_at_step: int = field(default=-1)
+
+    @property
+    def k(self) -> int:
+        return self.search.k
+
+
+def pad_ids(rows: Sequence[Sequence[int]], pad: int) -> tuple[IntArray, IntArray]:
+    """-> ids [B, S] padded with ``pad``, lengths [B]."""
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    out = np.full((len(rows), int(lengths.max())), pad, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out, lengths
+
+
+def _pad_axis1(x: npt.NDArray[Any], width: int, value: float | int = 0) -> npt.NDArray[Any]:
+    if x.shape[1] >= width:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, width - x.shape[1])
+    return np.pad(x, pad, constant_values=value)
+
+
+class DecodeBatch:
+    def __init__(self, runtime: DecoderRuntime, pad_id: int = 0, copy: bool = False) -> None:
+        self.runtime = runtime
+        self.pad_id = pad_id
+        self.copy = copy
+        self.jobs: list[Job] = []
+        self.states: list[FloatArray] = []
+        self.feed: FloatArray | None = None
+        self.memory: FloatArray | None = None  # [N, S, M]
+        self.src_len: IntArray | None = None  # [N]
+        self.src_ext: IntArray | None = None  # [N, S] (copy models)
+        self.steps = 0
+
+    @property
+    def rows(self) -> int:
+        return sum(j.k for j in self.jobs)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    # ------------------------------------------------------------------ join
+    def add(self, jobs: Sequence[Job]) -> None:
+        """Encode ``jobs`` together (padded by length) and append their K rows each."""
+        if not jobs:
+            return
+        src, src_len = pad_ids([j.src_ids for j in jobs], self.pad_id)
+        memory, states = self.runtime.encode(src, src_len)  # [J, S, M], each [L, J, H]
+        rep = np.repeat(np.arange(len(jobs)), [j.k for j in jobs])  # [R]
+        new_memory = memory[rep]
+        new_states = [s[:, rep] for s in states]
+        new_len = src_len[rep]
+        new_ext = None
+        if self.copy:
+            ext, _ = pad_ids([j.src_ext or [] for j in jobs], self.pad_id)
+            new_ext = _pad_axis1(ext, src.shape[1], self.pad_id)[rep]
+        new_feed = self.runtime.initial_feed(len(rep))
+        for j in jobs:
+            j.joined_at_step = self.steps
+        if not self.jobs:
+            self.memory, self.states, self.src_len, self.src_ext, self.feed = (
+                new_memory,
+                new_states,
+                new_len,
+                new_ext,
+                new_feed,
+            )
+        else:
+            assert self.memory is not None and self.feed is not None and self.src_len is not None
+            width = max(self.memory.shape[1], new_memory.shape[1])
+            self.memory = np.concatenate([_pad_axis1(self.memory, width), _pad_axis1(new_memory, width)])
+            self.states = [np.concatenate([a, b], axis=1) for a, b in zip(self.states, new_states, strict=True)]
+            self.src_len = np.concatenate([self.src_len, new_len])
+            self.feed = np.concatenate([self.feed, new_feed])
+            if self.copy:
+                assert self.src_ext is not None and new_ext is not None
+                self.src_ext = np.concatenate(
+                    [_pad_axis1(self.src_ext, width, self.pad_id), _pad_axis1(new_ext, width, self.pad_id)]
+                )
+        self.jobs.extend(jobs)
+
+    # ------------------------------------------------------------------ leave
+    def remove(self, jobs: Sequence[Job]) -> None:
+        """Drop the rows of ``jobs`` (cancelled or expired) before the next step."""
+        gone = set(map(id, jobs))
+        keep_rows: list[int] = []
+        offset = 0
+        for j in self.jobs:
+            if id(j) not in gone:
+                keep_rows.extend(range(offset, offset + j.k))
+            offset += j.k
+        self.jobs = [j for j in self.jobs if id(j) not in gone]
+        self._gather(np.array(keep_rows, dtype=np.int64), reorder_memory=True)
+
+    def _gather(self, index: IntArray, reorder_memory: bool) -> None:
+        if not self.jobs:
+            self.memory = self.feed = self.src_len = self.src_ext = None
+            self.states = []
+            return
+        assert self.feed is not None and self.memory is not None and self.src_len is not None
+        self.states = [s[:, index] for s in self.states]  # the batch axis of [L, N, H] is 1
+        self.feed = self.feed[index]
+        if reorder_memory:
+            self.src_len = self.src_len[index]
+            width = int(self.src_len.max())
+            self.memory = self.memory[index, :width]
+            if self.src_ext is not None:
+                self.src_ext = self.src_ext[index, :width]
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[Job]:
+        """One decoder step for every row; returns the jobs that finished (already removed)."""
+        if not self.jobs:
+            return []
+        assert self.feed is not None and self.memory is not None and self.src_len is not None
+        tokens = np.concatenate([j.search.tokens for j in self.jobs])  # [N]
+        steps = np.repeat(np.array([j.search.t for j in self.jobs], dtype=np.int64), [j.k for j in self.jobs])
+        out = self.runtime.step(tokens, self.states, self.feed, self.memory, self.src_len, steps, self.src_ext)
+        self.steps += 1
+        index: list[IntArray] = []
+        finished: list[Job] = []
+        offset = 0
+        kept: list[Job] = []
+        for j in self.jobs:
+            rows = slice(offset, offset + j.k)
+            attention = out.attention[rows] if j.search.options.needs_attention else None
+            select = j.search.advance(out.log_probs[rows], attention)
+            if j.search.done:
+                finished.append(j)
+            else:
+                index.append(select + offset)
+                kept.append(j)
+            offset += j.k
+        self.states, self.feed = out.states, out.feed
+        membership_changed = len(kept) != len(self.jobs)
+        self.jobs = kept
+        gather = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
+        if membership_changed:
+            self._gather(gather, reorder_memory=True)
+        else:  # memory, lengths and copy ids are the same for all rows of a search: no reorder needed
+            self._gather(gather, reorder_memory=False)
+        return finished
+
+
+def decode_all(
+    runtime: DecoderRuntime, jobs: Sequence[Job], max_rows: int = 2048, copy: bool = False, pad_id: int = 0
+) -> list[Job]:
+    """Decode ``jobs`` to the end with step-level batching (jobs join as rows free up).
+
+    The synchronous path used by export parity checks and offline evaluation; the server's
+    engine runs the same :class:`DecodeBatch` one step at a time.
+    """
+    batch = DecodeBatch(runtime, pad_id=pad_id, copy=copy)
+    waiting = list(jobs)
+    waiting.reverse()
+    done: list[Job] = []
+    while waiting or batch.jobs:
+        joining: list[Job] = []
+        rows = batch.rows
+        while waiting and rows + waiting[-1].k <= max_rows:
+            rows += waiting[-1].k
+            joining.append(waiting.pop())
+        if not joining and not batch.jobs:
+            raise ValueError(f"a job needs {waiting[-1].k} rows, more than max_rows={max_rows}")
+        batch.add(joining)
+        done.extend(batch.step())
+    return done

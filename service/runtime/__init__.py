@@ -1,0 +1,1 @@
+"""Bundles on disk: the manifest contract, onnxruntime sessions and the model repository."""

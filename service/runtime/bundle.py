@@ -1,0 +1,97 @@
+"""A loaded, verified bundle: manifest + tokenizers + onnxruntime sessions, and text <-> jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.engine.batch import Job
+from service.engine.beam import BeamSearch, Hypothesis, SearchOptions
+from service.runtime.manifest import BundleError, Manifest, read_manifest, verify_files
+from service.runtime.ort import Runtime
+from service.text import UNK, Tokenizer, TokenizerError, extend_source
+
+
+class SourceError(ValueError):
+    """A source string the model cannot take (empty, too long)."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """One finished hypothesis in text form."""
+
+    text: str
+    tokens: list[str]
+    score: float
+    log_prob: float
+    attention: list[list[float]] | None
+
+
+class Bundle:
+    def __init__(self, directory: Path, threads: int = 1, device: str = "cpu", verify: bool = True) -> None:
+        self.directory = directory
+        self.manifest: Manifest = read_manifest(directory)
+        if verify:
+            verify_files(directory, self.manifest)
+        try:
+            self.src_tok = Tokenizer.load(self.manifest.tokenizers["src"], directory)
+            self.tgt_tok = Tokenizer.load(self.manifest.tokenizers["tgt"], directory)
+        except (OSError, TokenizerError) as exc:
+            raise BundleError(f"cannot load the tokenizers: {exc}") from exc
+        for side, tok in (("src", self.src_tok), ("tgt", self.tgt_tok)):
+            if len(tok.vocab) != self.manifest.vocab_sizes[side]:
+                raise BundleError(
+                    f"{side} vocabulary has {len(tok.vocab)} tokens, the manifest says "
+                    f"{self.manifest.vocab_sizes[side]}"
+                )
+        self.runtime = Runtime(directory, self.manifest, threads=threads, device=device)
+        special = self.manifest.special_tokens
+        self.pad, self.bos, self.eos, self.unk = special["pad"], special["bos"], special["eos"], special["unk"]
+        self.copy = bool(self.manifest.architecture.get("copy", False))
+        self.reverse = bool(self.manifest.architecture.get("reverse_source", False))
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def source_tokens(self, text: str) -> list[str]:
+        return self.src_tok.tokenize(text)
+
+    def make_job(self, text: str, options: SearchOptions, max_source_length: int, tag: object = None) -> Job:
+        tokens = self.src_tok.tokenize(text)
+        if not tokens:
+            raise SourceError("is empty after tokenization")
+        if len(tokens) > max_source_length:
+            raise SourceError(f"has {len(tokens)} tokens, more than the limit of {max_source_length}")
+        ids = [self.src_tok.vocab.id(t) for t in tokens]
+        ext = None
+        vocab_limit = None
+        if self.copy:
+            ext, oov = extend_source(tokens, self.tgt_tok.vocab)
+            vocab_limit = len(self.tgt_tok.vocab) + len(oov)
+        search = BeamSearch(options, len(ids), self.bos, self.eos, self.pad, vocab_limit=vocab_limit)
+        return Job(search=search, src_ids=ids, src_ext=ext, tag=tag)
+
+    def outputs(self, job: Job, source_tokens: list[str], replace_unknowns: bool = False) -> list[Output]:
+        return [self.output(h, source_tokens, replace_unknowns) for h in job.search.results()]
+
+    def output(self, hyp: Hypothesis, source_tokens: list[str], replace_unknowns: bool) -> Output:
+        size = len(self.tgt_tok.vocab)
+        oov = extend_source(source_tokens, self.tgt_tok.vocab)[1] if self.copy else []
+        tokens: list[str] = []
+        for pos, token_id in enumerate(hyp.tokens):
+            if token_id >= size:
+                token = oov[token_id - size] if token_id - size < len(oov) else UNK
+            else:
+                token = self.tgt_tok.vocab.itos[token_id]
+            if token == UNK and replace_unknowns and hyp.attention is not None and pos < len(hyp.attention):
+                token = source_tokens[int(np.argmax(hyp.attention[pos]))]
+            tokens.append(token)
+        attention = None if hyp.attention is None else hyp.attention.tolist()
+        return Output(self.tgt_tok.detokenize(tokens), tokens, hyp.score, hyp.log_prob, attention)

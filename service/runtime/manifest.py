@@ -1,0 +1,205 @@
+"""The bundle manifest: the contract between ``seqserve export`` and the server.
+
+A bundle is a directory ``<repo>/<model>/<version>/`` holding ``manifest.json``, the
+encoder and decoder-step ONNX graphs, the vocabularies (and SentencePiece models).
+The server trusts nothing it has not checked: every file's sha256, the graphs' input
+and output names and element types, and the vocabulary sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.text import TokenizerError, TokenizerSpec
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+GRAPHS = ("encoder", "decoder_step")
+
+
+class BundleError(Exception):
+    """A bundle is malformed, corrupted or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "int64", "float32"
+    shape: tuple[str | int, ...]  # symbolic axis names or fixed sizes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TensorSpec:
+        return cls(str(raw["name"]), str(raw["dtype"]), tuple(raw["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> GraphSpec:
+        return cls(
+            str(raw["file"]),
+            tuple(TensorSpec.from_dict(t) for t in raw["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in raw["outputs"]),
+        )
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: int
+    architecture: dict[str, Any]
+    graphs: dict[str, GraphSpec]
+    special_tokens: dict[str, int]
+    tokenizers: dict[str, TokenizerSpec]
+    vocab_sizes: dict[str, int]
+    state_names: tuple[str, ...]
+    files: dict[str, str]  # file name -> sha256
+    opset: int
+    max_source_length: int
+    default_max_length: int
+    onnxruntime_version: str = ""
+    parity: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "name": self.name,
+            "version": self.version,
+            "architecture": self.architecture,
+            "graphs": {k: g.to_dict() for k, g in self.graphs.items()},
+            "special_tokens": self.special_tokens,
+            "tokenizers": {k: t.to_dict() for k, t in self.tokenizers.items()},
+            "vocab_sizes": self.vocab_sizes,
+            "state_names": list(self.state_names),
+            "files": self.files,
+            "opset": self.opset,
+            "max_source_length": self.max_source_length,
+            "default_max_length": self.default_max_length,
+            "onnxruntime_version": self.onnxruntime_version,
+            "parity": self.parity,
+            "quantization": self.quantization,
+            "training": self.training,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
+        if not isinstance(raw, dict):
+            raise BundleError("manifest.json must hold a JSON object")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"manifest format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+        try:
+            graphs = {k: GraphSpec.from_dict(raw["graphs"][k]) for k in GRAPHS}
+            tokenizers = {k: TokenizerSpec.from_dict(raw["tokenizers"][k]) for k in ("src", "tgt")}
+            manifest = cls(
+                name=str(raw["name"]),
+                version=int(raw["version"]),
+                architecture=dict(raw["architecture"]),
+                graphs=graphs,
+                special_tokens={k: int(v) for k, v in raw["special_tokens"].items()},
+                tokenizers=tokenizers,
+                vocab_sizes={k: int(v) for k, v in raw["vocab_sizes"].items()},
+                state_names=tuple(raw["state_names"]),
+                files={str(k): str(v) for k, v in raw["files"].items()},
+                opset=int(raw["opset"]),
+                max_source_length=int(raw["max_source_length"]),
+                default_max_length=int(raw["default_max_length"]),
+                onnxruntime_version=str(raw.get("onnxruntime_version", "")),
+                parity=dict(raw.get("parity", {})),
+                quantization=dict(raw.get("quantization", {})),
+                training=dict(raw.get("training", {})),
+            )
+        except (KeyError, TypeError, ValueError, TokenizerError) as exc:
+            raise BundleError(f"manifest.json is malformed: {type(exc).__name__}: {exc}") from exc
+        for key in ("pad", "bos", "eos", "unk"):
+            if key not in manifest.special_tokens:
+                raise BundleError(f"manifest.json: special_tokens lacks {key!r}")
+        return manifest
+
+    def summary(self) -> str:
+        a = self.architecture
+        enc = (
+            f"{'bi-' if a.get('bidirectional') else ''}{a.get('cell', '?')} {a.get('enc_layers')}x{a.get('enc_hidden')}"
+        )
+        dec = f"{a.get('dec_layers')}x{a.get('dec_hidden')}"
+        extras = [f"attention {a.get('attention')}"]
+        if a.get("input_feed"):
+            extras.append("input feeding")
+        if a.get("reverse_source"):
+            extras.append("reversed source")
+        if a.get("copy"):
+            extras.append("copy")
+        return f"{enc} -> {dec}, " + ", ".join(extras)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"no {MANIFEST_NAME} in {directory}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{MANIFEST_NAME} is not valid JSON: {exc}") from exc
+    return Manifest.from_dict(raw)
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    """Every file the manifest names exists and has the recorded sha256; every file it needs is named."""
+    needed = {g.file for g in manifest.graphs.values()}
+    for spec in manifest.tokenizers.values():
+        needed.add(spec.vocab)
+        if spec.model:
+            needed.add(spec.model)
+    missing = needed - set(manifest.files)
+    if missing:
+        raise BundleError(f"manifest.json has no sha256 for {sorted(missing)}")
+    for name, expected in sorted(manifest.files.items()):
+        if Path(name).name != name:
+            raise BundleError(f"file name {name!r} in manifest.json must not contain a path")
+        path = directory / name
+        if not path.is_file():
+            raise BundleError(f"{name} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(
+                f"{name} is corrupted: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}..."
+            )
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,296 @@
+"""The real server in-process on free ports, called over gRPC."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from seqserve.v1 import seqserve_pb2 as pb
+from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+
+from service.engine.batch import decode_all
+from service.engine.beam import SearchOptions
+from service.runtime.bundle import Bundle
+from tests.integration.conftest import ServerThread, settings_for
+
+WORDS = ["abc", "hgfed", "jjia", "cabbage", "dig", "fade", "bead", "ideaj", "ab", "gigabed"]
+
+
+def translate(stub, sources, timeout=30, **options) -> pb.TranslateResponse:
+    return stub.Translate(
+        pb.TranslateRequest(model="rev", sources=sources, options=pb.DecodingOptions(**options)), timeout=timeout
+    )
+
+
+def rpc_error(fn) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value
+
+
+def test_translate_reverses_strings(stub) -> None:
+    response = translate(stub, WORDS, beam_size=5)
+    assert response.model == "rev" and response.version == 1
+    assert len(response.translations) == len(WORDS)
+    pairs = zip(WORDS, response.translations, strict=True)
+    correct = sum(t.hypotheses[0].text == " ".join(reversed(w)) for w, t in pairs)
+    assert correct >= 7, [t.hypotheses[0].text for t in response.translations]
+    assert list(response.translations[0].source_tokens) == list("abc")
+
+
+def test_server_equals_offline_serving_search(stub, tiny_bundle: Path) -> None:
+    """What the server returns is exactly the bundle's n-best through the same search offline."""
+    bundle = Bundle(tiny_bundle)
+    opts = SearchOptions(beam_size=4, n_best=3, max_len=20)
+    jobs = decode_all(bundle.runtime, [bundle.make_job(w, opts, 100, tag=i) for i, w in enumerate(WORDS)])
+    offline = {j.tag: [h.tokens for h in j.search.results()] for j in jobs}
+    response = translate(stub, WORDS, beam_size=4, num_hypotheses=3)
+    for i, t in enumerate(response.translations):
+        served = [tuple(bundle.tgt_tok.vocab.id(tok) for tok in h.tokens) for h in t.hypotheses]
+        assert served == offline[i]
+        scores = [h.score for h in t.hypotheses]
+        assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("batching", ["step", "request"])
+def test_results_are_batch_invariant_under_concurrency(model_repo: Path, batching: str) -> None:
+    """Mixed requests, each with its own options, get the same n-best alone or in any batch."""
+    variants: list[dict[str, Any]] = [
+        {"beam_size": 1},
+        {"beam_size": 3, "num_hypotheses": 2},
+        {"beam_size": 5, "num_hypotheses": 5, "length_penalty": pb.LENGTH_PENALTY_GNMT, "length_penalty_alpha": 0.6},
+        {"beam_size": 4, "no_repeat_ngram_size": 2},
+        {"beam_size": 2, "min_length": 3, "coverage_penalty_beta": 0.2},
+        {"beam_size": 6, "num_hypotheses": 3, "length_penalty": pb.LENGTH_PENALTY_AVERAGE},
+    ]
+    requests = [(WORDS[i % len(WORDS)], variants[i % len(variants)]) for i in range(36)]
+    server = ServerThread(settings_for(model_repo, batching=batching, max_batch=8, max_wait_ms=20)).start()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.Seq2SeqStub(channel)
+            alone = [translate(stub, [w], **o) for w, o in requests]
+            with concurrent.futures.ThreadPoolExecutor(max_workers=36) as pool:
+                together = list(pool.map(lambda r: translate(stub, [r[0]], **r[1]), requests))
+        batch_hist = server.server.metrics.batch_rows.labels("rev")._sum.get()
+        assert batch_hist > 0
+    finally:
+        server.stop()
+    for a, b in zip(alone, together, strict=True):
+        ha, hb = a.translations[0].hypotheses, b.translations[0].hypotheses
+        assert [list(h.tokens) for h in ha] == [list(h.tokens) for h in hb]
+        assert [h.score for h in ha] == pytest.approx([h.score for h in hb], abs=1e-4)
+
+
+def test_list_models_and_health(server: ServerThread, stub) -> None:
+    models = stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+    assert [(m.name, m.version, m.state) for m in models] == [("rev", 1, pb.MODEL_STATE_READY)]
+    assert "attention general" in models[0].architecture
+    with grpc.insecure_channel(server.target) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="seqserve.v1.Seq2Seq"))
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "code", "fragment"),
+    [
+        ({"model": "nope", "sources": ["abc"]}, grpc.StatusCode.NOT_FOUND, "no model named 'nope'"),
+        ({"model": "", "sources": ["abc"]}, grpc.StatusCode.INVALID_ARGUMENT, "names no model"),
+        ({"model": "rev", "version": 9, "sources": ["abc"]}, grpc.StatusCode.NOT_FOUND, "no version 9"),
+        ({"model": "rev", "sources": []}, grpc.StatusCode.INVALID_ARGUMENT, "no sources"),
+        ({"model": "rev", "sources": [""]}, grpc.StatusCode.INVALID_ARGUMENT, "source 0"),
+        ({"model": "rev", "sources": ["ab", "a" * 300]}, grpc.StatusCode.INVALID_ARGUMENT, "source 1 has 300 tokens"),
+        (
+            {"model": "rev", "sources": ["ab"], "options": {"beam_size": 1000}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "beam_size 1000",
+        ),
+        (
+            {"model": "rev", "sources": ["ab"], "options": {"beam_size": 2, "num_hypotheses": 3}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "num_hypotheses",
+        ),
+        (
+            {"model": "rev", "sources": ["ab"], "options": {"beam_size": 3, "sampling": True}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "sampling needs beam_size 1",
+        ),
+        (
+            {"model": "rev", "sources": ["ab"], "options": {"max_length": 100000}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_length",
+        ),
+        (
+            {"model": "rev", "sources": ["ab"], "options": {"temperature": -1.0}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
+    ],
+)
+def test_bad_requests_get_typed_errors(stub, request_kwargs, code, fragment) -> None:
+    options = pb.DecodingOptions(**request_kwargs.pop("options", {}))
+    err = rpc_error(lambda: stub.Translate(pb.TranslateRequest(options=options, **request_kwargs), timeout=10))
+    assert err.code() == code
+    assert fragment in (err.details() or "")
+    assert "Traceback" not in (err.details() or "")
+
+
+def test_oversized_message_is_resource_exhausted(stub) -> None:
+    err = rpc_error(lambda: translate(stub, ["a" * 5_000_000]))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_full_queue_is_resource_exhausted(model_repo: Path) -> None:
+    server = ServerThread(settings_for(model_repo, max_queue=3)).start()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.Seq2SeqStub(channel)
+            err = rpc_error(lambda: translate(stub, WORDS[:5]))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue is full" in (err.details() or "")
+            assert translate(stub, WORDS[:2]).translations  # within the bound it serves
+    finally:
+        server.stop()
+
+
+def _engine(server: ServerThread):
+    return server.server.repository.get("rev").engine
+
+
+def test_deadline_exceeded_frees_rows(server: ServerThread, stub) -> None:
+    many = [w * 3 for w in WORDS] * 20
+    err = rpc_error(lambda: translate(stub, many, timeout=0.002, beam_size=16, max_length=200, min_length=150))
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    engine = _engine(server)
+    end = time.monotonic() + 10
+    while (engine.active or engine.queued) and time.monotonic() < end:
+        time.sleep(0.02)
+    assert engine.active == 0 and engine.queued == 0
+
+
+def test_cancelled_request_frees_rows(server: ServerThread, stub) -> None:
+    many = [w * 3 for w in WORDS] * 20
+    call = stub.Translate.future(
+        pb.TranslateRequest(
+            model="rev", sources=many, options=pb.DecodingOptions(beam_size=16, max_length=200, min_length=150)
+        )
+    )
+    engine = _engine(server)
+    end = time.monotonic() + 10
+    while engine.active == 0 and time.monotonic() < end:
+        time.sleep(0.005)
+    assert engine.active > 0
+    call.cancel()
+    end = time.monotonic() + 10
+    while (engine.active or engine.queued) and time.monotonic() < end:
+        time.sleep(0.02)
+    assert engine.active == 0 and engine.queued == 0
+    rejected = server.server.metrics.rejected.labels("rev", "cancelled")._value.get()
+    assert rejected > 0
+
+
+def test_attention_is_returned_per_output_token(stub) -> None:
+    response = translate(stub, ["abcd"], beam_size=2, return_attention=True)
+    t = response.translations[0]
+    hyp = t.hypotheses[0]
+    assert len(hyp.attention) == len(hyp.tokens) > 0
+    assert all(len(row.weights) == len(t.source_tokens) for row in hyp.attention)
+    assert all(abs(sum(row.weights) - 1.0) < 1e-4 for row in hyp.attention)  # global attention sums to 1
+    assert not translate(stub, ["abcd"], beam_size=2).translations[0].hypotheses[0].attention
+
+
+def test_unload_and_load_through_the_api(stub) -> None:
+    stub.UnloadModel(pb.UnloadModelRequest(model="rev"), timeout=10)
+    assert rpc_error(lambda: translate(stub, ["abc"])).code() == grpc.StatusCode.NOT_FOUND
+    versions = stub.LoadModel(pb.LoadModelRequest(model="rev"), timeout=30).versions
+    assert [(v.version, v.state) for v in versions] == [(1, pb.MODEL_STATE_READY)]
+    assert translate(stub, ["abc"]).translations[0].hypotheses
+    err = rpc_error(lambda: stub.LoadModel(pb.LoadModelRequest(model="../etc"), timeout=10))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    err = rpc_error(lambda: stub.LoadModel(pb.LoadModelRequest(model="absent"), timeout=10))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _wait_for(predicate, timeout=15.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_live_repository_new_corrupted_and_broken_versions(
+    server: ServerThread, stub, model_repo: Path, caplog
+) -> None:
+    caplog.set_level(logging.ERROR, logger="service.repository")
+    # a corrupted copy next to the good model is refused, with a log line naming it; the good model serves
+    bad = model_repo / "rev-copy" / "1"
+    shutil.copytree(model_repo / "rev" / "1", bad)
+    manifest = (bad / "manifest.json").read_text().replace('"name": "rev"', '"name": "rev-copy"')
+    (bad / "manifest.json").write_text(manifest)
+    with (bad / "decoder_step.onnx").open("r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+
+    def states() -> dict[tuple[str, int], Any]:
+        return {(m.name, m.version): m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
+
+    assert _wait_for(lambda: ("rev-copy", 1) in states())
+    refused = states()[("rev-copy", 1)]
+    assert refused.state == pb.MODEL_STATE_UNAVAILABLE
+    assert "decoder_step.onnx is corrupted" in refused.reason
+    assert any("rev-copy version 1 refused" in r.getMessage() and "corrupted" in r.getMessage() for r in caplog.records)
+    assert (
+        rpc_error(lambda: stub.Translate(pb.TranslateRequest(model="rev-copy", sources=["ab"]), timeout=10)).code()
+        == grpc.StatusCode.UNAVAILABLE
+    )
+    assert translate(stub, ["abc"]).translations[0].hypotheses
+
+    # a new version is picked up without restart and becomes the default
+    shutil.copytree(model_repo / "rev" / "1", model_repo / "rev" / "2.tmp")
+    m2 = (model_repo / "rev" / "2.tmp" / "manifest.json").read_text().replace('"version": 1', '"version": 2')
+    (model_repo / "rev" / "2.tmp" / "manifest.json").write_text(m2)
+    (model_repo / "rev" / "2.tmp").rename(model_repo / "rev" / "2")
+    assert _wait_for(lambda: states().get(("rev", 2)) is not None and states()[("rev", 2)].state == 1)
+    assert translate(stub, ["abc"]).version == 2
+
+    # a broken newer version is refused while version 2 keeps serving
+    shutil.copytree(model_repo / "rev" / "2", model_repo / "rev" / "3")
+    (model_repo / "rev" / "3" / "manifest.json").write_text("{ not json")
+    assert _wait_for(lambda: ("rev", 3) in states())
+    assert states()[("rev", 3)].state == pb.MODEL_STATE_UNAVAILABLE
+    assert translate(stub, ["abc"]).version == 2
+
+
+def test_metrics_endpoint(server: ServerThread, stub) -> None:
+    translate(stub, ["abc", "de"])
+    rpc_error(lambda: stub.Translate(pb.TranslateRequest(model="nope", sources=["a"]), timeout=10))
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    body = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert 'seqserve_requests_total{code="OK",method="Translate",model="rev"} 1.0' in body
+    assert 'seqserve_requests_total{code="NOT_FOUND",method="Translate",model="_unknown"} 1.0' in body
+    for name in (
+        "seqserve_decoder_step_duration_seconds_count",
+        "seqserve_encoder_duration_seconds_count",
+        "seqserve_queue_wait_seconds_count",
+        "seqserve_batch_rows_count",
+        "seqserve_model_ready{",
+    ):
+        assert name in body
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is not installed (CI installs Debian's prometheus package)")
+        pytest.skip("promtool not installed")
+    result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr

