@@ -402,8 +402,8 @@ class Trainer:
             )
         started = time.monotonic()
         last_save = started
-        out_of_time = False
-        while not self.state["finished"] and self.state["epoch"] < t.epochs:
+        stopped = ""  # "max_steps" / "max_minutes": paused mid-epoch, resumable at the next batch
+        while not stopped and not self.state["finished"] and self.state["epoch"] < t.epochs:
             epoch = self.state["epoch"]
             skip = self.state["batch_in_epoch"]
             n_batches = math.ceil(len(self.pairs) / t.batch_size) // self.world
@@ -417,16 +417,16 @@ class Trainer:
                 dynamic_ncols=True,
             )
             window_tokens, window_start = 0, time.monotonic()
+            completed = True
             for i, batch in enumerate(self.epoch_batches(epoch)):
                 if i < skip:
                     continue
                 loss, norm = self.train_step(batch)
                 self.state["batch_in_epoch"] = i + 1
                 window_tokens += batch.n_tokens * self.world
-                elapsed = time.monotonic() - window_start
                 bar.update(1)
                 if self.state["step"] % 50 == 0:
-                    rate = window_tokens / max(elapsed, 1e-9)
+                    rate = window_tokens / max(time.monotonic() - window_start, 1e-9)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", lr=f"{self.state['lr']:.2g}")
                     self.log(
                         {
@@ -445,51 +445,78 @@ class Trainer:
                     self.save("last.pt")
                     last_save = now
                 if t.max_steps and self.state["step"] >= t.max_steps:
-                    self.state["finished"] = True
+                    stopped, completed = "max_steps", False
                     break
                 if t.max_minutes and now - started > t.max_minutes * 60:
-                    out_of_time = True
+                    stopped, completed = "max_minutes", False
                     break
             bar.close()
-            metrics = self.evaluate()
-            improved = metrics["dev_wer"] < self.state["best_wer"]
-            if improved:
-                self.state["best_wer"] = metrics["dev_wer"]
-                self.state["bad_epochs"] = 0
-            else:
-                self.state["bad_epochs"] += 1
-                if self.state["bad_epochs"] % max(t.decay_patience, 1) == 0:
-                    self.set_lr(max(self.state["lr"] * t.lr_decay, t.min_lr))
+            if completed:
+                self.state["epoch"] += 1
+                self.state["batch_in_epoch"] = 0
+            self.end_of_epoch(epoch, started, plateau=completed)
+        self.check_replicas()
+        return {
+            "step": self.state["step"],
+            "epoch": self.state["epoch"],
+            "best_wer": self.state["best_wer"],
+            "stopped": stopped or ("early_stop" if self.state["finished"] else "epochs"),
+        }
+
+    def end_of_epoch(self, epoch: int, started: float, plateau: bool) -> None:
+        """Dev evaluation; best.pt on improvement; plateau decay / early stop only after a whole epoch."""
+        t = self.cfg.train
+        metrics = self.evaluate()
+        improved = metrics["dev_wer"] < self.state["best_wer"]
+        if improved:
+            self.state["best_wer"] = metrics["dev_wer"]
+            self.state["bad_epochs"] = 0
+        elif plateau:
+            self.state["bad_epochs"] += 1
+            if self.state["bad_epochs"] % max(t.decay_patience, 1) == 0:
+                self.set_lr(max(self.state["lr"] * t.lr_decay, t.min_lr))
             if self.state["bad_epochs"] >= t.early_stop_patience:
                 self.state["finished"] = True
-            self.state["epoch"] += 1
-            self.state["batch_in_epoch"] = 0
-            self.log(
-                {
-                    "event": "dev",
-                    "epoch": epoch + 1,
-                    "step": self.state["step"],
-                    "lr": self.state["lr"],
-                    "wall_s": round(time.monotonic() - started, 1),
-                    **metrics,
-                }
+        self.log(
+            {
+                "event": "dev",
+                "epoch": epoch + 1,
+                "step": self.state["step"],
+                "lr": self.state["lr"],
+                "wall_s": round(time.monotonic() - started, 1),
+                **metrics,
+            }
+        )
+        if self.is_main:
+            print(
+                f"epoch {epoch + 1}{'' if plateau else ' (paused)'}: dev loss {metrics['dev_loss']:.4f}  "
+                f"WER {100 * metrics['dev_wer']:.2f}%  (no stress {100 * metrics['dev_nostress_wer']:.2f}%)  "
+                f"lr {self.state['lr']:.2g}" + ("  *best*" if improved else ""),
+                flush=True,
             )
-            if self.is_main:
-                print(
-                    f"epoch {epoch + 1}: dev loss {metrics['dev_loss']:.4f}  WER {100 * metrics['dev_wer']:.2f}%  "
-                    f"(no stress {100 * metrics['dev_nostress_wer']:.2f}%)  lr {self.state['lr']:.2g}"
-                    + ("  *best*" if improved else ""),
-                    flush=True,
-                )
-            if improved:
-                self.save("best.pt")
-            self.save("last.pt")
-            last_save = time.monotonic()
-            if out_of_time:
-                break
-        if self.world > 1:
-            dist.barrier()
-        return {"step": self.state["step"], "epoch": self.state["epoch"], "best_wer": self.state["best_wer"]}
+        if improved:
+            self.save("best.pt")
+        self.save("last.pt")
+
+    def check_replicas(self) -> None:
+        """Under DDP every rank must hold the same weights; log the check (and fail loudly if not)."""
+        if self.world == 1:
+            return
+        checksum = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum().reshape(1)
+        gathered = [torch.zeros_like(checksum) for _ in range(self.world)]
+        dist.all_gather(gathered, checksum)
+        in_sync = all(torch.equal(g, gathered[0]) for g in gathered)
+        self.log(
+            {
+                "event": "ddp_check",
+                "world": self.world,
+                "replicas_in_sync": in_sync,
+                "checksums": [float(g) for g in gathered],
+            }
+        )
+        if not in_sync:
+            raise RuntimeError("DDP replicas diverged: parameter checksums differ across ranks")
+        dist.barrier()
 
 
 def train(cfg: Config, out_dir: Path, resume: bool = True, progress: bool = True) -> dict[str, Any]:

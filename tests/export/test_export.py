@@ -1,0 +1,86 @@
+"""Export every architecture; torch vs onnxruntime n-best equality; refusal on failed parity; int8."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from export.onnx_export import ExportError
+from export.pipeline import ExportOptions, export_checkpoint
+from service.runtime.bundle import Bundle
+from service.runtime.manifest import read_manifest, sha256_file, verify_files
+from tests.training.test_training import ARCHITECTURES, TINY
+from training.config import load_config
+from training.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def trained_checkpoint(tmp_path: Path, extra: list[str], steps: int = 40) -> Path:
+    t = Trainer(load_config(None, [*TINY, *extra, f"train.max_steps={steps}", "train.epochs=5"]), tmp_path / "run")
+    t.run(resume=False, progress=False)
+    return tmp_path / "run" / "last.pt"
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_architecture_exports_with_nbest_parity(name: str, tmp_path: Path) -> None:
+    ckpt = trained_checkpoint(tmp_path, ARCHITECTURES[name])
+    target = tmp_path / "repo" / name / "1"
+    manifest = export_checkpoint(ckpt, target, ExportOptions(name=name, version=1, parity_limit=40, progress=False))
+    parity = manifest.parity
+    assert parity["nbest_identical"] == parity["examples"] == 40  # every n-best list identical, beam 5
+    assert max(parity["graph_max_abs_diff"].values()) <= parity["graph_tolerance"]
+    verify_files(target, read_manifest(target))
+    bundle = Bundle(target)  # the server's own checks pass
+    step_inputs = {t.name for t in manifest.graphs["decoder_step"].inputs}
+    assert ("src_ext" in step_inputs) == ("copy" in name)
+    assert ("step" in step_inputs) == (name == "lstm-local-m")
+    if name == "lstm-local-p":
+        assert "position" in {t.name for t in manifest.graphs["decoder_step"].outputs}
+    assert bundle.manifest.architecture["cell"] in ("lstm", "gru", "rnn")
+    ops = {n.op_type for n in onnx.load(str(target / "encoder.onnx")).graph.node}
+    assert {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[bundle.manifest.architecture["cell"]] in ops
+
+
+def test_failed_parity_refuses_the_export_and_publishes_nothing(tmp_path: Path) -> None:
+    ckpt = trained_checkpoint(tmp_path, [], steps=10)
+    target = tmp_path / "repo" / "m" / "1"
+    with pytest.raises(ExportError, match="graph parity failed"):
+        export_checkpoint(
+            ckpt, target, ExportOptions(name="m", version=1, parity_limit=10, tolerance=0.0, progress=False)
+        )
+    assert not target.exists()
+    assert not [p for p in (tmp_path / "repo" / "m").iterdir()]  # the temporary directory is gone too
+
+
+def test_int8_bundle_records_quality_and_speed(tmp_path: Path) -> None:
+    ckpt = trained_checkpoint(tmp_path, [], steps=60)
+    target = tmp_path / "repo" / "m" / "2"
+    manifest = export_checkpoint(
+        ckpt, target, ExportOptions(name="m", version=2, quantize="int8", parity_limit=30, progress=False)
+    )
+    q = manifest.quantization
+    assert set(q["delta"]) >= {"wer", "per", "nostress_wer", "nostress_per"}
+    assert q["speedup"] > 0 and q["size_bytes"]["int8"] < q["size_bytes"]["fp32"]
+    assert manifest.parity["enforced"] is False
+    ops = {n.op_type for n in onnx.load(str(target / "decoder_step.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeLSTM", "DynamicQuantizeLinear"}
+    Bundle(target)
+
+
+def test_shipped_g2p_bundle_carries_parity_and_hashes() -> None:
+    bundle_dir = ROOT / "models" / "g2p-en" / "1"
+    manifest = read_manifest(bundle_dir)
+    verify_files(bundle_dir, manifest)
+    assert manifest.parity["nbest_identical_rate"] >= 0.999
+    assert manifest.parity["examples"] >= 6000  # the whole CMUdict dev split
+    for name, digest in manifest.files.items():
+        assert sha256_file(bundle_dir / name) == digest
+    for graph in manifest.graphs.values():
+        onnx.checker.check_model(str(bundle_dir / graph.file), full_check=True)
+    total = sum(p.stat().st_size for p in (ROOT / "models").rglob("*") if p.is_file())
+    assert total < 30 * 1024 * 1024
+    assert json.loads((bundle_dir / "manifest.json").read_text())["training"]["data"]["name"] == "cmudict"

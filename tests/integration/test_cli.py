@@ -1,0 +1,112 @@
+"""`seqserve serve` as a process: answers `seqserve translate`, and SIGTERM stops it with status 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def seqserve(*args: str) -> list[str]:
+    return [sys.executable, "-m", "service.cli", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'proto'}"}
+
+
+def wait_serving(target: str, proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < end:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise AssertionError("server did not become SERVING")
+
+
+def test_serve_translate_and_sigterm(model_repo: Path) -> None:
+    port, metrics = free_port(), free_port()
+    proc = subprocess.Popen(
+        seqserve(
+            "serve", "--model-repository", str(model_repo), "--grpc-port", str(port), "--metrics-port", str(metrics)
+        ),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc)
+        out = subprocess.run(
+            seqserve("translate", "--server", f"127.0.0.1:{port}", "--model", "rev", "abc", "fed"),
+            cwd=ROOT,
+            env=env(),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        assert out.stdout.splitlines() == ["c b a", "d e f"]
+        out = subprocess.run(
+            seqserve("translate", "--server", f"127.0.0.1:{port}", "--model", "rev", "--json", "--n-best", "2", "abc"),
+            cwd=ROOT,
+            env=env(),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        parsed = json.loads(out.stdout)
+        assert len(parsed["translations"][0]["hypotheses"]) == 2
+        bad = subprocess.run(
+            seqserve("translate", "--server", f"127.0.0.1:{port}", "--model", "nope", "abc"),
+            cwd=ROOT,
+            env=env(),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert bad.returncode == 1
+        assert bad.stderr.startswith("seqserve translate: NOT_FOUND: no model named 'nope'")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0
+    assert "seqserve stopped" in (proc.stderr.read() if proc.stderr else "")
+
+
+def test_serve_refuses_a_missing_repository(tmp_path: Path) -> None:
+    result = subprocess.run(
+        seqserve("serve", "--model-repository", str(tmp_path / "absent")),
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "is not a directory" in result.stderr

@@ -1,0 +1,199 @@
+"""Every architecture option trains; clipping, resume, the CMUdict split, tokenizers, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.config import ConfigError, load_config
+from training.data import Example, read_cmudict, split_key, split_of
+from training.evaluate import score
+from training.train import Trainer, build_tokenizers, load_datasets
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "data.dataset=reverse",
+    "data.synthetic_size=400",
+    "model.emb_size=16",
+    "model.enc_hidden=16",
+    "model.dec_hidden=32",
+    "model.enc_layers=2",
+    "model.dec_layers=2",
+    "model.attn_hidden=16",
+    "train.batch_size=16",
+    "train.lr=0.01",
+    "train.num_threads=1",
+]
+
+ARCHITECTURES = {
+    "lstm-none": ["model.attention=none"],
+    "lstm-dot": ["model.attention=dot"],
+    "lstm-general": ["model.attention=general"],
+    "lstm-concat": ["model.attention=concat"],
+    "lstm-local-m": ["model.attention=local-m", "model.local_window=2", "model.reverse_source=true"],
+    "lstm-local-p": ["model.attention=local-p", "model.local_window=2"],
+    "gru": ["model.cell=gru"],
+    "rnn-unidirectional": ["model.cell=rnn", "model.bidirectional=false"],
+    "reversed-no-input-feed": ["model.reverse_source=true", "model.input_feed=false", "model.bidirectional=false"],
+    "tied-embeddings": ["model.tie_embeddings=true", "model.emb_size=32"],
+    "copy": ["model.copy=true", "data.shared_vocab=true"],
+    "no-forget-bias": ["model.forget_bias=0.0", "model.dropout=0.0", "model.emb_dropout=0.0"],
+}
+
+
+def trainer(tmp_path: Path, extra: list[str]) -> Trainer:
+    return Trainer(load_config(None, TINY + extra), tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_architecture_learns(name: str, tmp_path: Path) -> None:
+    t = trainer(tmp_path, ARCHITECTURES[name])
+    losses = []
+    for epoch in range(3):
+        for batch in t.epoch_batches(epoch):
+            losses.append(t.train_step(batch)[0])
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.85 * first, (name, first, last)
+
+
+def test_gradient_clipping_bounds_the_norm(tmp_path: Path) -> None:
+    t = trainer(tmp_path, ["train.clip_norm=0.01"])
+    batch = next(iter(t.epoch_batches(0)))
+    _, pre_clip = t.train_step(batch)
+    assert pre_clip > 0.01
+    # the step applied clipped gradients: their norm is what clipping promised
+    clipped = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in t.model.parameters() if p.grad is not None))
+    assert float(clipped) <= 0.01 * (1 + 1e-4)
+
+
+def test_resume_gives_the_same_next_loss(tmp_path: Path) -> None:
+    extra = ["model.dropout=0.3", "model.emb_dropout=0.2"]  # randomness must be restored too
+    a = trainer(tmp_path, extra)
+    batches = iter(a.epoch_batches(0))
+    for i in range(5):
+        a.train_step(next(batches))
+        a.state["batch_in_epoch"] = i + 1
+    a.save("last.pt")
+    continued = a.train_step(next(batches))
+
+    b = trainer(tmp_path, extra)
+    assert b.resume()
+    assert b.state["step"] == 5
+    rest = iter(b.epoch_batches(0))
+    for _ in range(b.state["batch_in_epoch"]):
+        next(rest)
+    resumed = b.train_step(next(rest))
+    assert resumed == pytest.approx(continued, abs=1e-6)
+
+
+def test_train_pauses_and_resumes_from_the_run_directory(tmp_path: Path) -> None:
+    cfg = load_config(None, [*TINY, "train.epochs=2", "train.max_steps=7"])
+    first = Trainer(cfg, tmp_path).run(progress=False)
+    assert first["stopped"] == "max_steps" and first["step"] == 7
+    second = Trainer(replace(cfg, train=replace(cfg.train, max_steps=0)), tmp_path).run(progress=False)
+    assert second["epoch"] == 2 and second["step"] == 2 * 25  # 400 pairs / 16 per batch, 2 epochs
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["event"] == "dev"] == [1, 1, 2]
+    assert (tmp_path / "best.pt").is_file()
+
+
+def test_config_errors_are_clear() -> None:
+    with pytest.raises(ConfigError, match="model.cell must be one of"):
+        load_config(None, ["model.cell=transformer"])
+    with pytest.raises(ConfigError, match="dot attention needs"):
+        load_config(None, ["model.attention=dot", "model.enc_hidden=100"])
+    with pytest.raises(ConfigError, match="unknown override key"):
+        load_config(None, ["model.size=3"])
+
+
+def test_split_rule_puts_known_words_where_the_rule_says() -> None:
+    assert split_key("dog's") == "dog" and split_key("dogs'") == "dogs" and split_key("o'clock") == "o'clock"
+    # bucket = int(sha256("cmudict-g2p-v1:" + key)[:8], 16) % 100; < 10 test, 10-14 dev, else train
+    import hashlib
+
+    def bucket(key: str) -> int:
+        return int(hashlib.sha256(("cmudict-g2p-v1:" + key).encode()).hexdigest()[:8], 16) % 100
+
+    words = ["hello", "world", "dog", "cat", "phoneme", "aardvark", "zebra", "seqserve", "knight", "yacht"]
+    for w in words:
+        b = bucket(w)
+        assert split_of(w) == ("test" if b < 10 else "dev" if b < 15 else "train")
+        assert split_of(w + "'s") == split_of(w)  # a possessive goes with its word
+
+
+def test_cmudict_split_sizes_and_variants() -> None:
+    splits = read_cmudict()
+    sizes = {k: len(v) for k, v in splits.items()}
+    assert abs(sizes["train"] - 106_190) < 100 and abs(sizes["dev"] - 6_183) < 50 and abs(sizes["test"] - 12_534) < 50
+    words = {ex.src: ex for ex in splits["train"] + splits["dev"] + splits["test"]}
+    assert len(words["tomato"].refs) >= 2  # (2), (3) variants are extra references
+    assert all(all(c.islower() or c == "'" for c in w) for w in words)
+
+
+def test_scoring_wer_per_and_stress() -> None:
+    hyps = [["HH", "AH0", "L", "OW1"], ["K", "AE1", "T"]]
+    refs = [[["HH", "AH0", "L", "OW1"], ["HH", "EH0", "L", "OW1"]], [["K", "AE2", "T"]]]
+    with_stress = score(hyps, refs, stress=True)
+    assert with_stress.wer == 0.5 and with_stress.per == pytest.approx(1 / 7)
+    without = score(hyps, refs, stress=False)
+    assert without.wer == 0.0 and without.per == 0.0
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "sentencepiece"])
+def test_tokenizers_round_trip(kind: str) -> None:
+    cfg = load_config(
+        None,
+        ["data.dataset=reverse", f"data.src_tokenizer={kind}", f"data.tgt_tokenizer={kind}", "data.sp_vocab_size=30"],
+    )
+    data = load_datasets(cfg.data, 1)
+    if kind == "word":
+        data.train = [Example(" ".join(ex.src), ex.refs) for ex in data.train]
+    src, tgt, files = build_tokenizers(cfg.data, data)
+    assert src.vocab.itos[:4] == ["<pad>", "<s>", "</s>", "<unk>"]
+    text = data.train[0].src
+    assert src.detokenize(src.tokenize(text)) == text
+    assert (kind == "sentencepiece") == bool(files)
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="torchrun not installed",
+)
+def test_ddp_with_two_processes(tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    args = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training.cli",
+        "train",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        *[a for o in [*TINY, "train.epochs=1"] for a in ("--set", o)],
+    ]
+    result = subprocess.run(
+        args,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'proto'}", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    check = [r for r in log if r["event"] == "ddp_check"]
+    assert check and check[0]["world"] == 2 and check[0]["replicas_in_sync"]
+    dev = [r for r in log if r["event"] == "dev"]
+    assert dev[-1]["step"] == 12  # 400 pairs / 16 per batch = 25 batches, split over 2 ranks
