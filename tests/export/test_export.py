@@ -53,7 +53,7 @@ def test_failed_parity_refuses_the_export_and_publishes_nothing(tmp_path: Path) 
             ckpt, target, ExportOptions(name="m", version=1, parity_limit=10, tolerance=0.0, progress=False)
         )
     assert not target.exists()
-    assert not [p for p in (tmp_path / "repo" / "m").iterdir()]  # the temporary directory is gone too
+    assert not list((tmp_path / "repo" / "m").iterdir())  # the temporary directory is gone too
 
 
 def test_int8_bundle_records_quality_and_speed(tmp_path: Path) -> None:
