@@ -28,8 +28,9 @@ venv-dev: $(VENV)/.dev-installed
 serve: $(VENV)/.serve-installed
 	$(BIN)/seqserve serve --model-repository models --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-proto: $(BIN)/python
+proto: $(VENV)/.dev-installed
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
 		--grpc_python_out=proto --mypy_grpc_out=proto $(PROTO_SRC)
 
 lint: $(VENV)/.dev-installed

@@ -41,21 +41,24 @@ def test_importing_the_service_does_not_import_torch() -> None:
 
 def test_generated_code_is_in_sync_with_the_proto(tmp_path: Path) -> None:
     """`make proto` output equals the committed files (regenerate with `make proto` after editing the .proto)."""
-    subprocess.run(
+    result = subprocess.run(
         [
             sys.executable,
             "-m",
             "grpc_tools.protoc",
             f"-I{ROOT / 'proto'}",
             f"--python_out={tmp_path}",
+            f"--plugin=protoc-gen-mypy_grpc={Path(sys.executable).parent / 'protoc-gen-mypy_grpc'}",
             f"--pyi_out={tmp_path}",
             f"--grpc_python_out={tmp_path}",
             f"--mypy_grpc_out={tmp_path}",
             str(PROTO / "seqserve.proto"),
         ],
-        check=True,
+        check=False,
         capture_output=True,
+        text=True,
     )
+    assert result.returncode == 0, result.stderr
     generated = sorted(p.name for p in (tmp_path / "seqserve" / "v1").iterdir())
     assert generated == ["seqserve_pb2.py", "seqserve_pb2.pyi", "seqserve_pb2_grpc.py", "seqserve_pb2_grpc.pyi"]
     for name in generated:

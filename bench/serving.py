@@ -1,0 +1,316 @@
+"""Serving benchmarks for BENCHMARKS.md, measured side by side in one run.
+
+    python -m bench.serving --model-repository models --model g2p-en --out bench/results/serving.json
+
+1. throughput: closed loop, 64 concurrent clients vs one client at a time (beam 5, one word per request);
+2. step-level vs request-level batching under open-loop (Poisson) load at 70 % of the measured saturation,
+   mixed source lengths: latency percentiles at equal offered load;
+3. idle latency: one request at a time vs the bare onnxruntime cost of that request's encoder and
+   decoder-step calls (same session options, same shapes, same number of steps).
+
+The server runs as a separate process (`seqserve serve`), the load generator here, both on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from seqserve.v1 import seqserve_pb2 as pb
+from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_words(limit: int, seed: int) -> list[str]:
+    from training.data import read_cmudict
+
+    words = [ex.src for ex in read_cmudict()["test"]]
+    random.Random(seed).shuffle(words)
+    return words[:limit]
+
+
+class ServerProcess:
+    def __init__(self, repo: Path, batching: str, threads: int, extra: list[str]) -> None:
+        self.port = free_port()
+        args = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--model-repository",
+            str(repo),
+            "--grpc-port",
+            str(self.port),
+            "--metrics-port",
+            "-1",
+            "--batching",
+            batching,
+            "--threads",
+            str(threads),
+            "--poll-interval",
+            "0",
+            "--log-level",
+            "WARNING",
+            *extra,
+        ]
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'proto'}"}
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env)
+        self.target = f"127.0.0.1:{self.port}"
+
+    def wait_ready(self, model: str) -> None:
+        end = time.monotonic() + 120
+        with grpc.insecure_channel(self.target) as channel:
+            stub = pb_grpc.Seq2SeqStub(channel)
+            while time.monotonic() < end:
+                try:
+                    stub.Translate(pb.TranslateRequest(model=model, sources=["warmup"]), timeout=5)
+                    return
+                except grpc.RpcError:
+                    time.sleep(0.2)
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+async def closed_loop(target: str, model: str, words: list[str], clients: int, beam: int) -> dict[str, float]:
+    """``clients`` concurrent callers, each sending the next word as soon as its previous answer came back."""
+    latencies: list[float] = []
+    queue = list(reversed(words))
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.Seq2SeqStub(channel)
+        opts = pb.DecodingOptions(beam_size=beam)
+
+        async def client() -> None:
+            while queue:
+                word = queue.pop()
+                t0 = time.perf_counter()
+                await stub.Translate(pb.TranslateRequest(model=model, sources=[word], options=opts), timeout=120)
+                latencies.append(time.perf_counter() - t0)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall = time.perf_counter() - start
+    return {
+        "words": len(words),
+        "seconds": wall,
+        "words_per_s": len(words) / wall,
+        "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+        "p99_ms": 1000 * float(np.percentile(latencies, 99)),
+    }
+
+
+async def open_loop(target: str, model: str, words: list[str], rate: float, beam: int, seed: int) -> dict[str, float]:
+    """Poisson arrivals at ``rate`` requests/s regardless of answers (latency includes queueing)."""
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.Seq2SeqStub(channel)
+        opts = pb.DecodingOptions(beam_size=beam)
+
+        async def one(word: str) -> None:
+            nonlocal errors
+            t0 = time.perf_counter()
+            try:
+                await stub.Translate(pb.TranslateRequest(model=model, sources=[word], options=opts), timeout=120)
+                latencies.append(time.perf_counter() - t0)
+            except grpc.RpcError:
+                errors += 1
+
+        tasks = []
+        start = time.perf_counter()
+        next_at = start
+        for word in words:
+            next_at += rng.expovariate(rate)
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(word)))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - start
+    lat = np.array(latencies) * 1000
+    return {
+        "offered_per_s": rate,
+        "completed_per_s": len(latencies) / wall,
+        "errors": errors,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "mean_ms": float(lat.mean()),
+    }
+
+
+def bare_onnxruntime_cost(bundle_dir: Path, words: list[str], beam: int, threads: int) -> list[float]:
+    """Per word: seconds of the encoder call plus the decoder-step calls its beam search makes, nothing else."""
+    from service.engine.batch import decode_all
+    from service.engine.beam import SearchOptions
+    from service.runtime.bundle import Bundle
+
+    bundle = Bundle(bundle_dir, threads=threads)
+    rt = bundle.runtime
+    opts = SearchOptions(beam_size=beam, n_best=1, max_len=bundle.manifest.default_max_length)
+    costs = []
+    for word in words:
+        job = bundle.make_job(word, opts, 10_000)
+        steps = decode_all(rt, [job])[0].search.t  # how many decoder steps this word takes
+        src = np.array([job.src_ids], dtype=np.int64)
+        src_len = np.array([len(job.src_ids)], dtype=np.int64)
+        rows = np.zeros(beam, dtype=np.int64)
+        best = float("inf")
+        for _ in range(3):  # best of 3: the bare cost, without scheduling noise
+            t0 = time.perf_counter()
+            memory, states = rt.encode(src, src_len)
+            memory, states = memory[rows], [s[:, rows] for s in states]
+            feed = rt.initial_feed(beam)
+            tokens = np.full(beam, bundle.bos, dtype=np.int64)
+            lens = src_len[rows]
+            for t in range(steps):
+                out = rt.step(tokens, states, feed, memory, lens, np.full(beam, t, dtype=np.int64))
+                states, feed = out.states, out.feed
+            best = min(best, time.perf_counter() - t0)
+        costs.append(best)
+    return costs
+
+
+async def idle_latency(target: str, model: str, words: list[str], beam: int) -> list[float]:
+    out = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.Seq2SeqStub(channel)
+        opts = pb.DecodingOptions(beam_size=beam)
+        for word in words:
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                await stub.Translate(pb.TranslateRequest(model=model, sources=[word], options=opts), timeout=60)
+                best = min(best, time.perf_counter() - t0)
+            out.append(best)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repository", type=Path, default=ROOT / "models")
+    p.add_argument("--model", default="g2p-en")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--single-words", type=int, default=150, help="words for the one-client-at-a-time run")
+    p.add_argument("--concurrent-words", type=int, default=2000, help="words for the 64-client run")
+    p.add_argument("--open-loop-seconds", type=float, default=25.0)
+    p.add_argument("--idle-words", type=int, default=60)
+    p.add_argument("--request-max-batch", type=int, default=64)
+    p.add_argument("--request-max-wait-ms", type=float, default=10.0)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args()
+
+    words = test_words(20_000, args.seed)
+    versions = sorted(int(v.name) for v in (args.model_repository / args.model).iterdir() if v.name.isdigit())
+    bundle_dir = args.model_repository / args.model / str(versions[-1])
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "model": f"{args.model}/{versions[-1]}",
+        "beam": args.beam,
+        "threads": args.threads,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+    # 1 + 3: step-level server
+    server = ServerProcess(args.model_repository, "step", args.threads, [])
+    try:
+        server.wait_ready(args.model)
+        one = asyncio.run(closed_loop(server.target, args.model, words[: args.single_words], 1, args.beam))
+        many = asyncio.run(closed_loop(server.target, args.model, words[: args.concurrent_words], 64, args.beam))
+        results["throughput"] = {
+            "one_client": one,
+            "64_clients": many,
+            "ratio": many["words_per_s"] / one["words_per_s"],
+        }
+        print(
+            f"throughput: 1 client {one['words_per_s']:.1f} words/s, 64 clients {many['words_per_s']:.1f} "
+            f"words/s, ratio {results['throughput']['ratio']:.2f}x",
+            flush=True,
+        )
+        idle_words = words[: args.idle_words]
+        served = asyncio.run(idle_latency(server.target, args.model, idle_words, args.beam))
+    finally:
+        server.stop()
+    bare = bare_onnxruntime_cost(bundle_dir, idle_words, args.beam, args.threads)
+    ratios = [s / b for s, b in zip(served, bare, strict=True)]
+    results["idle_latency"] = {
+        "words": len(idle_words),
+        "served_median_ms": 1000 * statistics.median(served),
+        "bare_onnxruntime_median_ms": 1000 * statistics.median(bare),
+        "median_ratio": statistics.median(ratios),
+        "ratio_of_medians": statistics.median(served) / statistics.median(bare),
+    }
+    print(
+        f"idle latency: served {results['idle_latency']['served_median_ms']:.2f} ms vs bare "
+        f"{results['idle_latency']['bare_onnxruntime_median_ms']:.2f} ms, median ratio "
+        f"{results['idle_latency']['median_ratio']:.3f}",
+        flush=True,
+    )
+
+    # 2: open loop at 70 % of the step-level saturation throughput, both modes, same arrivals
+    rate = 0.7 * many["words_per_s"]
+    n = int(rate * args.open_loop_seconds)
+    mixed = words[args.concurrent_words : args.concurrent_words + n]
+    results["open_loop"] = {
+        "rate_per_s": rate,
+        "requests": n,
+        "source_length": {
+            "min": min(map(len, mixed)),
+            "max": max(map(len, mixed)),
+            "mean": statistics.mean(map(len, mixed)),
+        },
+    }
+    for batching, extra in (
+        ("step", []),
+        ("request", ["--max-batch", str(args.request_max_batch), "--max-wait-ms", str(args.request_max_wait_ms)]),
+    ):
+        server = ServerProcess(args.model_repository, batching, args.threads, extra)
+        try:
+            server.wait_ready(args.model)
+            results["open_loop"][batching] = asyncio.run(
+                open_loop(server.target, args.model, mixed, rate, args.beam, args.seed)
+            )
+        finally:
+            server.stop()
+        r = results["open_loop"][batching]
+        print(
+            f"open loop {batching}: {r['completed_per_s']:.1f}/s completed, p50 {r['p50_ms']:.1f} ms, "
+            f"p99 {r['p99_ms']:.1f} ms",
+            flush=True,
+        )
+    ol = results["open_loop"]
+    ol["p99_ratio_request_over_step"] = ol["request"]["p99_ms"] / ol["step"]["p99_ms"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
