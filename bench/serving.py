@@ -273,11 +273,21 @@ def main() -> int:
         flush=True,
     )
 
-    # 2: open loop at 70 % of the step-level saturation throughput, both modes, same arrivals
-    rate = 0.7 * many["words_per_s"]
+    # 2: saturation of each mode (64 closed-loop clients), then open loop at 70 % of the lower one, so that
+    #    both modes complete the same throughput; same arrival times and words for both
+    request_extra = ["--max-batch", str(args.request_max_batch), "--max-wait-ms", str(args.request_max_wait_ms)]
+    server = ServerProcess(args.model_repository, "request", args.threads, request_extra)
+    try:
+        server.wait_ready(args.model)
+        sat_request = asyncio.run(closed_loop(server.target, args.model, words[: args.concurrent_words], 64, args.beam))
+    finally:
+        server.stop()
+    saturation = {"step": many["words_per_s"], "request": sat_request["words_per_s"]}
+    rate = 0.7 * min(saturation.values())
     n = int(rate * args.open_loop_seconds)
     mixed = words[args.concurrent_words : args.concurrent_words + n]
     results["open_loop"] = {
+        "saturation_per_s": saturation,
         "rate_per_s": rate,
         "requests": n,
         "source_length": {
@@ -286,10 +296,12 @@ def main() -> int:
             "mean": statistics.mean(map(len, mixed)),
         },
     }
-    for batching, extra in (
-        ("step", []),
-        ("request", ["--max-batch", str(args.request_max_batch), "--max-wait-ms", str(args.request_max_wait_ms)]),
-    ):
+    print(
+        f"saturation: step {saturation['step']:.1f}/s, request {saturation['request']:.1f}/s; "
+        f"open loop at {rate:.1f}/s",
+        flush=True,
+    )
+    for batching, extra in (("step", []), ("request", request_extra)):
         server = ServerProcess(args.model_repository, batching, args.threads, extra)
         try:
             server.wait_ready(args.model)

@@ -24,7 +24,8 @@ def run_export(args: argparse.Namespace) -> int:
     from export.onnx_export import ExportError
     from export.pipeline import ExportOptions, export_checkpoint
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("export").setLevel(logging.INFO)  # our progress; onnxruntime's quantizer stays quiet
     try:
         version = int(args.out.name)
         if version < 1:

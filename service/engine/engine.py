@@ -1,13 +1,16 @@
 """The batching engine of one model version.
 
-One asyncio task owns the waiting queue and the set of active sources; one worker thread
-owns the onnxruntime sessions and the :class:`DecodeBatch`. The task decides who joins and
-who is dropped (pure :mod:`service.engine.scheduler`), hops to the worker once, and the worker
-runs decoder steps until a source finishes or new work arrives; then the task answers the
-finished sources at once and admits the waiting ones at the next step.
+One asyncio task owns the waiting queue and the set of active sources; one worker thread owns
+the onnxruntime sessions and the :class:`DecodeBatch`. The two meet through an inbox:
 
-Two batching modes: ``step`` (sources join the running batch at the next decoder step and
-leave the moment they finish) and ``request`` (collect up to ``max_batch`` sources or
+- the task decides who joins (pure :func:`choose_admissions`) and who is dropped (cancelled, past
+  the deadline) and posts ``add`` / ``drop`` messages;
+- the worker runs decoder steps back to back; before every step it takes what the inbox holds, so
+  a new source is encoded (together with the others that arrived, padded by length) and joins the
+  running batch at the next step; a source that finishes leaves the batch at once and its result is
+  handed to the event loop without the worker waiting for it.
+
+Two batching modes: ``step`` (above) and ``request`` (collect up to ``max_batch`` sources or
 ``max_wait_ms``, then decode that batch to the end before admitting more).
 """
 
@@ -19,8 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from service.engine.batch import DecodeBatch, Job
 from service.engine.scheduler import EngineSettings, Waiting, choose_admissions, expired
@@ -29,8 +31,6 @@ from service.metrics import Metrics
 from service.runtime.bundle import Bundle
 
 log = logging.getLogger(__name__)
-
-MAX_STEPS_PER_HOP = 256  # the worker returns to the event loop at least this often
 
 
 @dataclass(eq=False)
@@ -45,12 +45,8 @@ class Pending:
         return Waiting(rows=self.job.k, enqueued=self.enqueued, deadline=self.deadline, cancelled=self.cancelled)
 
 
-@dataclass
-class WorkResult:
-    finished: list[Job] = field(default_factory=list)
-    encode_seconds: float = 0.0
-    step_seconds: list[float] = field(default_factory=list)
-    step_rows: list[int] = field(default_factory=list)
+class StepFailed(RuntimeError):
+    """The worker's decode step raised; every active source is failed."""
 
 
 class Engine:
@@ -59,18 +55,24 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.label = bundle.name
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{bundle.name}-{bundle.version}")
-        self._batch = DecodeBatch(bundle.runtime, pad_id=bundle.pad, copy=bundle.copy)  # worker thread only
+        # asyncio side (event-loop thread only)
         self._waiting: deque[Pending] = deque()
         self._active: dict[int, Pending] = {}
+        self._active_rows = 0
         self._wake = asyncio.Event()
-        self._interrupt = threading.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # the inbox between the two (deque appends and pops are thread-safe)
+        self._inbox: deque[tuple[str, list[Job]]] = deque()
+        self._has_work = threading.Event()
+        self._thread = threading.Thread(target=self._worker, name=f"ort-{bundle.name}-{bundle.version}", daemon=True)
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"engine-{self.bundle.name}")
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+        self._task = self._loop.create_task(self._run(), name=f"engine-{self.bundle.name}-{self.bundle.version}")
 
     @property
     def queued(self) -> int:
@@ -90,23 +92,15 @@ class Engine:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         pending = [Pending(j, loop.create_future(), now, deadline) for j in jobs]
-        for p in pending:
-            p.job.tag = p
         self._waiting.extend(pending)
         self.metrics.queue_length.labels(self.label).set(len(self._waiting))
         self._wake.set()
-        self._interrupt.set()
         try:
             await asyncio.gather(*(p.future for p in pending))
-        except asyncio.CancelledError:
-            for p in pending:
-                p.cancelled = True
-            self._interrupt.set()
-            self._wake.set()
-            raise
         except BaseException:
             for p in pending:
                 p.cancelled = True
+            self._wake.set()
             raise
         return jobs
 
@@ -116,70 +110,69 @@ class Engine:
         self._wake.set()
         if self._task is not None:
             await self._task
-        self._executor.shutdown(wait=True)
+        self._post("stop", [])
+        await asyncio.to_thread(self._thread.join)
 
-    # ------------------------------------------------------------------ the task
+    # ------------------------------------------------------------------ the asyncio task
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            if not self._waiting and not self._active:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
+            self._wake.clear()
             now = time.monotonic()
             self._expire_waiting(now)
-            admit_count, wait_s = choose_admissions(
-                [p.waiting() for p in self._waiting], self._batch_rows(), len(self._active), now, self.settings
+            self._drop_active(now)
+            count, window = choose_admissions(
+                [p.waiting() for p in self._waiting], self._active_rows, len(self._active), now, self.settings
             )
-            if admit_count == 0 and not self._active:
-                if wait_s > 0:  # request mode: collecting a batch
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), wait_s)
-                continue
-            admit = [self._waiting.popleft() for _ in range(admit_count)]
-            for p in admit:
-                self._active[id(p.job)] = p
-                self.metrics.queue_wait_seconds.labels(self.label).observe(now - p.enqueued)
-            drops = [p for p in self._active.values() if expired(p.waiting(), now) and p not in admit]
-            for p in drops:
-                del self._active[id(p.job)]
+            if count:
+                admit = [self._waiting.popleft() for _ in range(count)]
+                for p in admit:
+                    self._active[id(p.job)] = p
+                    self._active_rows += p.job.k
+                    self.metrics.queue_wait_seconds.labels(self.label).observe(now - p.enqueued)
+                self._post("add", [p.job for p in admit])
             self.metrics.queue_length.labels(self.label).set(len(self._waiting))
             self.metrics.active_sources.labels(self.label).set(len(self._active))
-            self._interrupt.clear()
-            deadlines = [p.deadline for p in self._active.values() if p.deadline is not None]
-            next_deadline = min(deadlines) if deadlines else None
-            try:
-                result = await loop.run_in_executor(
-                    self._executor, self._work, [p.job for p in admit], [p.job for p in drops], next_deadline
-                )
-            except Exception:
-                log.exception("model %s version %d: decode step failed", self.bundle.name, self.bundle.version)
-                self._fail_all()
-                continue
-            self._record(result)
-            for p in drops:
-                self._reject(p, now)
-            for job in result.finished:
-                p = self._active.pop(id(job))
-                if not p.future.done():
-                    p.future.set_result(job)
+            if self._closing and not self._waiting and not self._active:
+                return
+            timeout = self._next_timeout(now, window)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _batch_rows(self) -> int:
-        return sum(p.job.k for p in self._active.values())
+    def _next_timeout(self, now: float, window: float) -> float | None:
+        """Sleep until woken, the request-mode window closes, or the earliest deadline / queue limit passes."""
+        times = [window] if window > 0 else []
+        for p in (*self._waiting, *self._active.values()):
+            if p.deadline is not None:
+                times.append(p.deadline - now)
+        if self._waiting:
+            times.append(self._waiting[0].enqueued + self.settings.max_queue_wait_ms / 1000.0 - now)
+        return max(min(times), 0.0) + 0.001 if times else None
+
+    def _post(self, op: str, jobs: list[Job]) -> None:
+        self._inbox.append((op, jobs))
+        self._has_work.set()
 
     def _expire_waiting(self, now: float) -> None:
-        if not any(expired(p.waiting(), now, self.settings.max_queue_wait_ms) for p in self._waiting):
+        limit = self.settings.max_queue_wait_ms
+        if not any(expired(p.waiting(), now, limit) for p in self._waiting):
             return
         keep: deque[Pending] = deque()
         for p in self._waiting:
-            if expired(p.waiting(), now, self.settings.max_queue_wait_ms):
+            if expired(p.waiting(), now, limit):
                 self._reject(p, now)
             else:
                 keep.append(p)
         self._waiting = keep
+
+    def _drop_active(self, now: float) -> None:
+        drops = [p for p in self._active.values() if expired(p.waiting(), now)]
+        if not drops:
+            return
+        for p in drops:
+            del self._active[id(p.job)]
+            self._active_rows -= p.job.k
+            self._reject(p, now)
+        self._post("drop", [p.job for p in drops])
 
     def _reject(self, p: Pending, now: float) -> None:
         if p.cancelled or p.future.done():
@@ -196,43 +189,59 @@ class Engine:
                 )
             )
 
-    def _fail_all(self) -> None:
-        for p in list(self._active.values()):
-            if not p.future.done():
-                p.future.set_exception(RuntimeError("decode step failed"))
-        self._active.clear()
-        self._batch = DecodeBatch(self.bundle.runtime, pad_id=self.bundle.pad, copy=self.bundle.copy)
-
-    def _record(self, result: WorkResult) -> None:
-        m, label = self.metrics, self.label
-        if result.encode_seconds:
-            m.encoder_seconds.labels(label).observe(result.encode_seconds)
-        for seconds, rows in zip(result.step_seconds, result.step_rows, strict=True):
-            m.step_seconds.labels(label).observe(seconds)
-            m.batch_rows.labels(label).observe(rows)
-        m.active_sources.labels(label).set(len(self._active) - len(result.finished))
+    def _finished(self, jobs: list[Job], error: bool) -> None:
+        """Called on the event loop by the worker: answer finished sources at once, admit the waiting ones."""
+        for job in jobs:
+            p = self._active.pop(id(job), None)
+            if p is None:  # dropped meanwhile
+                continue
+            self._active_rows -= job.k
+            if p.future.done():
+                continue
+            if error:
+                p.future.set_exception(StepFailed("decode step failed"))
+            else:
+                p.future.set_result(job)
+        self._wake.set()
 
     # ------------------------------------------------------------------ the worker thread
-    def _work(self, admit: list[Job], drops: list[Job], next_deadline: float | None) -> WorkResult:
-        result = WorkResult()
-        batch = self._batch
-        if drops:
-            batch.remove(drops)
-        if admit:
-            t0 = time.perf_counter()
-            batch.add(admit)
-            result.encode_seconds = time.perf_counter() - t0
-        for _ in range(MAX_STEPS_PER_HOP):
-            if not batch.jobs:
-                break
-            rows = batch.rows
-            t0 = time.perf_counter()
-            finished = batch.step()
-            result.step_seconds.append(time.perf_counter() - t0)
-            result.step_rows.append(rows)
-            result.finished.extend(finished)
-            if finished or self._interrupt.is_set():
-                break
-            if next_deadline is not None and time.monotonic() >= next_deadline:
-                break
-        return result
+    def _worker(self) -> None:
+        batch = DecodeBatch(self.bundle.runtime, pad_id=self.bundle.pad, copy=self.bundle.copy)
+        assert self._loop is not None
+        loop = self._loop
+        m, label = self.metrics, self.label
+        while True:
+            if not batch.jobs and not self._inbox:
+                self._has_work.wait()
+                self._has_work.clear()
+            joining: list[Job] = []
+            while self._inbox:
+                op, jobs = self._inbox.popleft()
+                if op == "stop":
+                    return
+                if op == "add":
+                    joining.extend(jobs)
+                else:  # drop
+                    gone = set(map(id, jobs))
+                    joining = [j for j in joining if id(j) not in gone]
+                    batch.remove([j for j in batch.jobs if id(j) in gone])
+            try:
+                if joining:
+                    t0 = time.perf_counter()
+                    batch.add(joining)
+                    m.encoder_seconds.labels(label).observe(time.perf_counter() - t0)
+                if not batch.jobs:
+                    continue
+                rows = batch.rows
+                t0 = time.perf_counter()
+                finished = batch.step()
+                m.step_seconds.labels(label).observe(time.perf_counter() - t0)
+                m.batch_rows.labels(label).observe(rows)
+            except Exception:
+                log.exception("model %s version %d: decode step failed", self.bundle.name, self.bundle.version)
+                failed = list(batch.jobs) + joining
+                batch = DecodeBatch(self.bundle.runtime, pad_id=self.bundle.pad, copy=self.bundle.copy)
+                loop.call_soon_threadsafe(self._finished, failed, True)
+                continue
+            if finished:
+                loop.call_soon_threadsafe(self._finished, finished, False)

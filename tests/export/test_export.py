@@ -84,3 +84,14 @@ def test_shipped_g2p_bundle_carries_parity_and_hashes() -> None:
     total = sum(p.stat().st_size for p in (ROOT / "models").rglob("*") if p.is_file())
     assert total < 30 * 1024 * 1024
     assert json.loads((bundle_dir / "manifest.json").read_text())["training"]["data"]["name"] == "cmudict"
+
+
+def test_offline_optimised_bundle_keeps_parity(tmp_path: Path) -> None:
+    ckpt = trained_checkpoint(tmp_path, [], steps=20)
+    target = tmp_path / "repo" / "m" / "1"
+    manifest = export_checkpoint(
+        ckpt, target, ExportOptions(name="m", version=1, optimize=True, parity_limit=30, progress=False)
+    )
+    assert manifest.parity["nbest_identical"] == 30
+    verify_files(target, read_manifest(target))  # hashes are of the optimised graphs
+    Bundle(target)

@@ -294,3 +294,18 @@ def test_metrics_endpoint(server: ServerThread, stub) -> None:
         pytest.skip("promtool not installed")
     result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_waiting_too_long_in_the_queue_is_resource_exhausted(model_repo: Path) -> None:
+    """With one row per step and a 1 ms queue limit, a burst cannot all wait its turn."""
+    server = ServerThread(settings_for(model_repo, max_rows=1, max_queue_wait_ms=1)).start()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.Seq2SeqStub(channel)
+            err = rpc_error(
+                lambda: translate(stub, [w * 4 for w in WORDS] * 3, beam_size=1, min_length=30, max_length=40)
+            )
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "in the queue" in (err.details() or "")
+    finally:
+        server.stop()

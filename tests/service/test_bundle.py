@@ -66,3 +66,14 @@ def test_graph_io_must_match_the_manifest(tiny_bundle: Path, tmp_path: Path) -> 
     (copy / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(BundleError, match="decoder_step graph outputs do not match the manifest"):
         Bundle(copy)
+
+
+def test_cuda_falls_back_to_cpu_with_a_warning(tiny_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a CUDA provider is present here")
+    caplog.set_level("WARNING", logger="service.runtime.ort")
+    bundle = Bundle(tiny_bundle, device="cuda")
+    assert bundle.runtime.device == "cpu"
+    assert any("no CUDAExecutionProvider" in r.getMessage() for r in caplog.records)
