@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import json
 import logging
 import sys
@@ -139,24 +140,22 @@ def _run_models(args: argparse.Namespace) -> int:
         return 1
     for m in response.models:
         state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_")
-        print(f"{m.name}\t{m.version}\t{state}\t{m.architecture or m.reason}")
+        detail = (m.architecture + (" (int8)" if m.quantized else "")) if m.architecture else m.reason
+        print(f"{m.name}\t{m.version}\t{state}\t{detail}")
     return 0
 
 
 def _torch_side(module: str, func: str, args: argparse.Namespace) -> int:
     """train / eval / export live in the train extra; torch is imported only when one of them runs."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        if exc.name in ("torch", "onnx", "tqdm"):
-            print(
-                f"seqserve {args.command}: needs the training extra: pip install 'seqserve[train]' "
-                f"({exc.name} is missing)",
-                file=sys.stderr,
-            )
-            return 2
-        raise
-    result: int = getattr(mod, func)(args)
+    missing = [name for name in ("torch", "onnx", "tqdm") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"seqserve {args.command}: needs the training extra: pip install 'seqserve[train]' "
+            f"(missing: {', '.join(missing)})",
+            file=sys.stderr,
+        )
+        return 2
+    result: int = getattr(importlib.import_module(module), func)(args)
     return result
 
 

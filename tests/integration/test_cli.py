@@ -110,3 +110,20 @@ def test_serve_refuses_a_missing_repository(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "is not a directory" in result.stderr
+
+
+def test_training_commands_explain_a_missing_train_extra(tmp_path: Path) -> None:
+    """In a serving-only install `seqserve train` says what to install instead of a traceback."""
+    code = (
+        "import sys, importlib.util\n"
+        "real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'torch' else real(name, *a)\n"
+        "from service.cli import main\n"
+        f"sys.exit(main(['train', '--out', {str(tmp_path)!r}]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 2
+    assert "needs the training extra: pip install 'seqserve[train]' (missing: torch)" in result.stderr
+    assert "Traceback" not in result.stderr
