@@ -11,7 +11,6 @@ inputs each graph really has and the runtime feeds exactly those.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import warnings
@@ -19,7 +18,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
@@ -79,7 +77,7 @@ def step_io_names(model: Seq2Seq) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def _graph_spec(path: Path) -> GraphSpec:
+def graph_spec(path: Path) -> GraphSpec:
     graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
 
@@ -166,7 +164,7 @@ def export_graphs(model: Seq2Seq, src: Tensor, src_len: Tensor, out_dir: Path) -
             onnx.checker.check_model(str(out_dir / file), full_check=True)
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"onnx.checker rejected {file}: {exc}") from exc
-        specs[key] = _graph_spec(out_dir / file)
+        specs[key] = graph_spec(out_dir / file)
     return specs
 
 
@@ -249,11 +247,3 @@ def publish(tmp: Path, target: Path, overwrite: bool) -> None:
         shutil.rmtree(target)
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the server's user
     tmp.rename(target)
-
-
-def to_numpy(t: Tensor) -> np.ndarray[Any, Any]:
-    return t.detach().cpu().numpy()
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from export.onnx_export import ExportError, atomic_bundle_dir, make_manifest, publish, write_bundle
+from export.onnx_export import ExportError, atomic_bundle_dir, graph_spec, make_manifest, publish, write_bundle
 from service.engine.batch import Job, decode_all
 from service.engine.beam import SearchOptions
 from service.runtime.bundle import Bundle
@@ -265,13 +266,9 @@ def export_checkpoint(checkpoint: Path, target: Path, opts: ExportOptions) -> Ma
         manifest = _with(manifest, fp32_dir, parity=parity, onnxruntime_version=ort.__version__)
         if opts.quantize:
             manifest = _quantized(model, cfg, src_tok, tgt_tok, fp32_dir, tmp, examples, opts, training_info, manifest)
-            import shutil
-
             shutil.rmtree(fp32_dir)
         publish(tmp, target, opts.overwrite)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
@@ -297,17 +294,13 @@ def _quantized(
     training_info: dict[str, Any],
     fp32_manifest: Manifest,
 ) -> Manifest:
-    import shutil
-
     for name in fp32_manifest.files:
         if not name.endswith(".onnx"):
             shutil.copy2(fp32_dir / name, out_dir / name)
     quantize_bundle(fp32_dir, out_dir)
-    from export.onnx_export import _graph_spec
-
     graphs = {
-        "encoder": _graph_spec(out_dir / "encoder.onnx"),
-        "decoder_step": _graph_spec(out_dir / "decoder_step.onnx"),
+        "encoder": graph_spec(out_dir / "encoder.onnx"),
+        "decoder_step": graph_spec(out_dir / "decoder_step.onnx"),
     }
     manifest = make_manifest(
         model,
@@ -329,8 +322,8 @@ def _quantized(
     # side by side, alternating, on the same inputs: quality and decode speed
     fp32_scores, fp32_s = evaluate_bundle(fp32, examples, opts.beam, max_len, opts.progress, "fp32 eval")
     int8_scores, int8_s = evaluate_bundle(int8, examples, opts.beam, max_len, opts.progress, "int8 eval")
-    fp32_scores2, fp32_s2 = evaluate_bundle(fp32, examples, opts.beam, max_len, opts.progress, "fp32 eval")
-    int8_scores2, int8_s2 = evaluate_bundle(int8, examples, opts.beam, max_len, opts.progress, "int8 eval")
+    _, fp32_s2 = evaluate_bundle(fp32, examples, opts.beam, max_len, opts.progress, "fp32 eval")
+    _, int8_s2 = evaluate_bundle(int8, examples, opts.beam, max_len, opts.progress, "int8 eval")
     quantization = {
         "method": "onnxruntime.quantization.quantize_dynamic, QInt8 weights (MatMul, LSTM, GRU, Gather)",
         "examples": len(examples),
@@ -348,7 +341,6 @@ def _quantized(
             "int8": sum((out_dir / f).stat().st_size for f in ("encoder.onnx", "decoder_step.onnx")),
         },
     }
-    del fp32_scores2, int8_scores2
     parity = {
         "examples": len(examples),
         "beam": opts.beam,

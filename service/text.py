@@ -152,3 +152,15 @@ def extend_source(src_tokens: Sequence[str], tgt_vocab: Vocab) -> tuple[list[int
             oov.append(token)
         ids.append(len(tgt_vocab) + oov.index(token))
     return ids, oov
+
+
+def ids_to_tokens(ids: Sequence[int], tgt_vocab: Vocab, oov: Sequence[str]) -> list[str]:
+    """Target token strings; copy models' extended ids (>= len(vocab)) map back to the source's unknown tokens."""
+    size = len(tgt_vocab)
+    out = []
+    for i in ids:
+        if i < size:
+            out.append(tgt_vocab.itos[i])
+        else:
+            out.append(oov[i - size] if i - size < len(oov) else UNK)
+    return out

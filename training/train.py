@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from service.text import SPECIALS, Tokenizer, TokenizerSpec, Vocab
+from service.text import SPECIALS, Tokenizer, TokenizerSpec, Vocab, extend_source, ids_to_tokens
 from training.config import Config, DataConfig, config_from_dict
 from training.data import (
     Batch,
@@ -211,16 +211,8 @@ def decode_examples(
 
 def output_tokens(ids: Sequence[int], tgt_tok: Tokenizer, src_tokens: Sequence[str]) -> list[str]:
     """Target token strings; extended (copied) ids map back to their source token."""
-    from service.text import extend_source
-
-    size = len(tgt_tok.vocab)
-    if any(i >= size for i in ids):
-        _, oov = extend_source(src_tokens, tgt_tok.vocab)
-        return [
-            oov[i - size] if i >= size and i - size < len(oov) else tgt_tok.vocab.itos[i] if i < size else "<unk>"
-            for i in ids
-        ]
-    return tgt_tok.decode(ids)
+    oov = extend_source(src_tokens, tgt_tok.vocab)[1] if any(i >= len(tgt_tok.vocab) for i in ids) else []
+    return ids_to_tokens(ids, tgt_tok.vocab, oov)
 
 
 class Trainer:

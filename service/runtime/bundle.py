@@ -11,7 +11,7 @@ from service.engine.batch import Job
 from service.engine.beam import BeamSearch, Hypothesis, SearchOptions
 from service.runtime.manifest import BundleError, Manifest, read_manifest, verify_files
 from service.runtime.ort import Runtime
-from service.text import UNK, Tokenizer, TokenizerError, extend_source
+from service.text import UNK, Tokenizer, TokenizerError, extend_source, ids_to_tokens
 
 
 class SourceError(ValueError):
@@ -82,16 +82,11 @@ class Bundle:
         return [self.output(h, source_tokens, replace_unknowns) for h in job.search.results()]
 
     def output(self, hyp: Hypothesis, source_tokens: list[str], replace_unknowns: bool) -> Output:
-        size = len(self.tgt_tok.vocab)
         oov = extend_source(source_tokens, self.tgt_tok.vocab)[1] if self.copy else []
-        tokens: list[str] = []
-        for pos, token_id in enumerate(hyp.tokens):
-            if token_id >= size:
-                token = oov[token_id - size] if token_id - size < len(oov) else UNK
-            else:
-                token = self.tgt_tok.vocab.itos[token_id]
-            if token == UNK and replace_unknowns and hyp.attention is not None and pos < len(hyp.attention):
-                token = source_tokens[int(np.argmax(hyp.attention[pos]))]
-            tokens.append(token)
+        tokens = ids_to_tokens(hyp.tokens, self.tgt_tok.vocab, oov)
+        if replace_unknowns and hyp.attention is not None:
+            for pos, token in enumerate(tokens):
+                if token == UNK and pos < len(hyp.attention):
+                    tokens[pos] = source_tokens[int(np.argmax(hyp.attention[pos]))]
         attention = None if hyp.attention is None else hyp.attention.tolist()
         return Output(self.tgt_tok.detokenize(tokens), tokens, hyp.score, hyp.log_prob, attention)
