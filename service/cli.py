@@ -21,6 +21,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=8000, help="Prometheus /metrics port (-1: off)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per session")
+    p.add_argument("--workers", type=int, default=1, help="engines (sessions + thread) per model version")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between repository scans (0: off)")
     p.add_argument(
@@ -54,6 +55,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_queue_wait_ms=args.max_queue_wait_ms,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
+        workers=args.workers,
     )
     try:
         engine.validate()

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.engine.engine import Engine
+from service.engine.engine import EnginePool
 from service.engine.scheduler import EngineSettings
 from service.errors import InvalidArgument, NotFound, Unavailable
 from service.metrics import Metrics
@@ -32,7 +32,7 @@ class VersionEntry:
     version: int
     state: str
     reason: str = ""
-    engine: Engine | None = None
+    engine: EnginePool | None = None
     fingerprint: tuple[tuple[str, int, int], ...] = ()
 
     @property
@@ -127,7 +127,7 @@ class ModelRepository:
             log.exception("model %s version %d: unexpected error while loading", name, version)
             self._refuse(key, fp, f"failed to load ({type(exc).__name__})")
             return
-        engine = Engine(bundle, self.settings, self.metrics)
+        engine = await asyncio.to_thread(EnginePool, bundle, self.settings, self.metrics, self.threads, self.device)
         engine.start()
         old = entry.engine if entry is not None else None
         self.entries[key] = VersionEntry(name, version, READY, "", engine, fp)

@@ -16,11 +16,12 @@ class EngineSettings:
     max_queue_wait_ms: int = 30_000  # a source waiting longer is refused (RESOURCE_EXHAUSTED)
     max_batch: int = 64  # request mode: sources per batch
     max_wait_ms: float = 5.0  # request mode: how long to collect a batch
+    workers: int = 1  # engines per model version, each with its own onnxruntime sessions and thread
 
     def validate(self) -> None:
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
-        for name in ("max_rows", "max_queue", "max_queue_wait_ms", "max_batch"):
+        for name in ("max_rows", "max_queue", "max_queue_wait_ms", "max_batch", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_wait_ms < 0:

@@ -62,8 +62,8 @@ def test_server_equals_offline_serving_search(stub, tiny_bundle: Path) -> None:
         assert scores == sorted(scores, reverse=True)
 
 
-@pytest.mark.parametrize("batching", ["step", "request"])
-def test_results_are_batch_invariant_under_concurrency(model_repo: Path, batching: str) -> None:
+@pytest.mark.parametrize(("batching", "workers"), [("step", 1), ("request", 1), ("step", 2)])
+def test_results_are_batch_invariant_under_concurrency(model_repo: Path, batching: str, workers: int) -> None:
     """Mixed requests, each with its own options, get the same n-best alone or in any batch."""
     variants: list[dict[str, Any]] = [
         {"beam_size": 1},
@@ -74,7 +74,9 @@ def test_results_are_batch_invariant_under_concurrency(model_repo: Path, batchin
         {"beam_size": 6, "num_hypotheses": 3, "length_penalty": pb.LENGTH_PENALTY_AVERAGE},
     ]
     requests = [(WORDS[i % len(WORDS)], variants[i % len(variants)]) for i in range(36)]
-    server = ServerThread(settings_for(model_repo, batching=batching, max_batch=8, max_wait_ms=20)).start()
+    server = ServerThread(
+        settings_for(model_repo, batching=batching, max_batch=8, max_wait_ms=20, workers=workers)
+    ).start()
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.Seq2SeqStub(channel)
