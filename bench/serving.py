@@ -317,8 +317,8 @@ def main() -> int:
                 server.stop()
             runs[batching].append(r)
             print(
-                f"open loop {batching} #{repeat + 1}: {r['completed_per_s']:.1f}/s completed, p50 {r['p50_ms']:.1f} ms, "
-                f"p99 {r['p99_ms']:.1f} ms",
+                f"open loop {batching} #{repeat + 1}: {r['completed_per_s']:.1f}/s completed, "
+                f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms",
                 flush=True,
             )
     for batching, rs in runs.items():

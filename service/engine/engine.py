@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -126,8 +127,9 @@ class Engine:
             now = time.monotonic()
             self._expire_waiting(now)
             self._drop_active(now)
-            count, window = choose_admissions(
-                [p.waiting() for p in self._waiting], self._active_rows, len(self._active), now, self.settings
+            head = itertools.islice(self._waiting, max(self.settings.max_batch, self.settings.max_rows))
+            count, window = choose_admissions(  # only the head of the queue can join now
+                [p.waiting() for p in head], self._active_rows, len(self._active), now, self.settings
             )
             if count:
                 admit = [self._waiting.popleft() for _ in range(count)]
