@@ -31,7 +31,7 @@ class Scores:
     per: float  # edit distance to the closest reference / length of those references
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}wer": self.wer, f"{prefix}per": self.per, f"{prefix}words": float(self.words)}
+        return {f"{prefix}wer": self.wer, f"{prefix}per": self.per, f"{prefix}words": self.words}
 
 
 def score(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]], stress: bool = True) -> Scores:

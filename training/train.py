@@ -231,12 +231,16 @@ class Trainer:
             torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.train.seed)
         self.data = load_datasets(cfg.data, cfg.train.seed)
+        self.src_tok, self.tgt_tok, self.files = build_tokenizers(cfg.data, self.data)
+        pairs = training_pairs(self.data.train)
+        # the served model refuses longer sources and stops at max_tgt_len: train within the same bounds
         self.pairs = [
             p
-            for p in training_pairs(self.data.train)
-            if len(p[0]) <= cfg.data.max_src_len * 8 and len(p[1]) <= cfg.data.max_tgt_len * 8
+            for p in pairs
+            if len(self.src_tok.tokenize(p[0])) <= cfg.data.max_src_len
+            and len(self.tgt_tok.tokenize(p[1])) < cfg.data.max_tgt_len
         ]
-        self.src_tok, self.tgt_tok, self.files = build_tokenizers(cfg.data, self.data)
+        self.dropped_pairs = len(pairs) - len(self.pairs)
         self.model = Seq2Seq(cfg.model, len(self.src_tok.vocab), len(self.tgt_tok.vocab)).to(self.device)
         self.wrapped: nn.Module = self.model
         if self.world > 1:
@@ -387,7 +391,8 @@ class Trainer:
             dist.barrier()
         if self.is_main:
             print(
-                f"seqserve train: {count_parameters(self.model):,} parameters, {len(self.pairs):,} training pairs, "
+                f"seqserve train: {count_parameters(self.model):,} parameters, {len(self.pairs):,} training pairs "
+                f"({self.dropped_pairs} longer than the length limits left out), "
                 f"device {self.device}, world {self.world}"
                 + (f", resumed at step {self.state['step']}" if resumed else ""),
                 flush=True,

@@ -311,3 +311,13 @@ def test_waiting_too_long_in_the_queue_is_resource_exhausted(model_repo: Path) -
             assert "in the queue" in (err.details() or "")
     finally:
         server.stop()
+
+
+def test_reflection_lists_the_services(server: ServerThread) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"seqserve.v1.Seq2Seq", "grpc.health.v1.Health"} <= names
