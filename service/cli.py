@@ -34,6 +34,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=4096, help="sources waiting; beyond: RESOURCE_EXHAUSTED")
     p.add_argument("--max-queue-wait-ms", type=int, default=30_000, help="longest wait before joining a batch")
     p.add_argument("--max-batch", type=int, default=64, help="request batching: sources per batch")
+    p.add_argument(
+        "--join-wait-ms",
+        type=float,
+        default=0.0,
+        help="step batching: newcomers to a running batch gather this long to be encoded together",
+    )
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="request batching: time to collect a batch")
     p.add_argument("--max-sources", type=int, default=256, help="sources per request")
     p.add_argument("--max-source-length", type=int, default=256, help="source tokens")
@@ -56,6 +62,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         workers=args.workers,
+        join_wait_ms=args.join_wait_ms,
     )
     try:
         engine.validate()

@@ -17,6 +17,7 @@ class EngineSettings:
     max_batch: int = 64  # request mode: sources per batch
     max_wait_ms: float = 5.0  # request mode: how long to collect a batch
     workers: int = 1  # engines per model version, each with its own onnxruntime sessions and thread
+    join_wait_ms: float = 0.0  # step mode: while a batch runs, let newcomers gather this long (or max_batch of them)
 
     def validate(self) -> None:
         if self.batching not in BATCHING_MODES:
@@ -24,8 +25,8 @@ class EngineSettings:
         for name in ("max_rows", "max_queue", "max_queue_wait_ms", "max_batch", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.max_wait_ms < 0:
-            raise ValueError("max_wait_ms must be >= 0")
+        if self.max_wait_ms < 0 or self.join_wait_ms < 0:
+            raise ValueError("max_wait_ms and join_wait_ms must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,10 @@ def choose_admissions(
 ) -> tuple[int, float]:
     """How many of the first waiting sources (FIFO) join now, and how long to wait if none can.
 
-    Step mode: as many as fit in ``max_rows`` next to the running batch. Request mode: only into
-    an empty batch, once ``max_batch`` sources wait or the oldest has waited ``max_wait_ms``.
+    Step mode: as many as fit in ``max_rows`` next to the running batch (with ``join_wait_ms`` > 0, newcomers
+    to a running batch first gather until ``max_batch`` wait or the oldest waited that long, so that they are
+    encoded together). Request mode: only into an empty batch, once ``max_batch`` sources wait or the oldest
+    has waited ``max_wait_ms``.
     """
     if not waiting:
         return 0, 0.0
@@ -61,6 +64,10 @@ def choose_admissions(
             return 0, window
         limit = settings.max_batch
     else:
+        if active_sources and settings.join_wait_ms > 0 and len(waiting) < settings.max_batch:
+            window = settings.join_wait_ms / 1000.0 - (now - waiting[0].enqueued)
+            if window > 0:  # encode newcomers together instead of one by one
+                return 0, window
         limit = len(waiting)
     count = 0
     rows = active_rows

@@ -30,3 +30,12 @@ def test_expiry() -> None:
     assert not expired(Waiting(5, 0.0, deadline=None), now=100.0)
     assert expired(Waiting(5, 0.0, deadline=None), now=0.2, max_queue_wait_ms=100)
     assert expired(Waiting(5, 0.0, deadline=None, cancelled=True), now=0.0)
+
+
+def test_step_mode_join_window_gathers_newcomers_to_a_running_batch() -> None:
+    s = EngineSettings(batching="step", max_rows=100, max_batch=4, join_wait_ms=3.0)
+    count, wait = choose_admissions(waiting(2, at=0.0), active_rows=10, active_sources=2, now=0.001, settings=s)
+    assert count == 0 and abs(wait - 0.002) < 1e-9
+    assert choose_admissions(waiting(2, at=0.0), 10, 2, now=0.004, settings=s) == (2, 0.0)  # window over
+    assert choose_admissions(waiting(4, at=0.0), 10, 2, now=0.001, settings=s) == (4, 0.0)  # enough gathered
+    assert choose_admissions(waiting(2, at=0.0), 0, 0, now=0.0, settings=s) == (2, 0.0)  # idle: join at once
