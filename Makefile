@@ -12,9 +12,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# Serving install: no torch, no extras.
+# Serving install: no torch, no extras (a venv that already has the editable dev install keeps it).
 $(VENV)/.serve-installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet .
+	if [ ! -f $(VENV)/.dev-installed ]; then $(BIN)/pip install --quiet .; fi
 	touch $@
 
 # Development install: serving + train + dev extras (torch==2.13.0 CPU).
