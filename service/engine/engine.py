@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -64,6 +65,7 @@ class Engine:
         self._waiting: deque[Pending] = deque()
         self._active: dict[int, Pending] = {}
         self._active_rows = 0
+        self._expiry_at = math.inf  # earliest deadline / queue-wait limit among the waiting (0: scan now)
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -100,6 +102,7 @@ class Engine:
         now = time.monotonic()
         pending = [Pending(j, loop.create_future(), now, deadline) for j in jobs]
         self._waiting.extend(pending)
+        self._expiry_at = min([self._expiry_at, *(self._expiry(p) for p in pending)])
         self.metrics.queue_length.labels(self.label).set(len(self._waiting))
         self._wake.set()
         try:
@@ -107,6 +110,7 @@ class Engine:
         except BaseException:
             for p in pending:
                 p.cancelled = True
+            self._expiry_at = 0.0  # cancelled sources still queued are dropped at the next wake
             self._wake.set()
             raise
         return jobs
@@ -146,14 +150,16 @@ class Engine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
+    def _expiry(self, p: Pending) -> float:
+        limit = p.enqueued + self.settings.max_queue_wait_ms / 1000.0
+        return limit if p.deadline is None else min(limit, p.deadline)
+
     def _next_timeout(self, now: float, window: float) -> float | None:
         """Sleep until woken, the request-mode window closes, or the earliest deadline / queue limit passes."""
         times = [window] if window > 0 else []
-        for p in (*self._waiting, *self._active.values()):
-            if p.deadline is not None:
-                times.append(p.deadline - now)
-        if self._waiting:
-            times.append(self._waiting[0].enqueued + self.settings.max_queue_wait_ms / 1000.0 - now)
+        if self._expiry_at < math.inf:
+            times.append(self._expiry_at - now)
+        times.extend(p.deadline - now for p in self._active.values() if p.deadline is not None)
         return max(min(times), 0.0) + 0.001 if times else None
 
     def _post(self, op: str, jobs: list[Job]) -> None:
@@ -161,9 +167,10 @@ class Engine:
         self._has_work.set()
 
     def _expire_waiting(self, now: float) -> None:
-        limit = self.settings.max_queue_wait_ms
-        if not any(expired(p.waiting(), now, limit) for p in self._waiting):
+        """Refuse waiting sources that are cancelled or past a limit; scans the queue only when one can be."""
+        if now < self._expiry_at:
             return
+        limit = self.settings.max_queue_wait_ms
         keep: deque[Pending] = deque()
         for p in self._waiting:
             if expired(p.waiting(), now, limit):
@@ -171,6 +178,7 @@ class Engine:
             else:
                 keep.append(p)
         self._waiting = keep
+        self._expiry_at = min((self._expiry(p) for p in keep), default=math.inf)
 
     def _drop_active(self, now: float) -> None:
         drops = [p for p in self._active.values() if expired(p.waiting(), now)]
