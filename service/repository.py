@@ -24,6 +24,7 @@ from service.runtime.manifest import MANIFEST_NAME, BundleError
 log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE, UNLOADED = "READY", "UNAVAILABLE", "UNLOADED"
+MAX_NAME_LENGTH = 200
 
 
 @dataclass
@@ -76,6 +77,8 @@ class ModelRepository:
     def get(self, name: str, version: int = 0) -> VersionEntry:
         if not name:
             raise InvalidArgument("the request names no model; see ListModels")
+        if len(name) > MAX_NAME_LENGTH:
+            raise InvalidArgument(f"model names are at most {MAX_NAME_LENGTH} characters")
         versions = {v: e for (n, v), e in self.entries.items() if n == name}
         if not versions or name in self.unloaded:
             raise NotFound(f"no model named {name!r}; see ListModels")

@@ -108,6 +108,7 @@ def test_list_models_and_health(server: ServerThread, stub) -> None:
         ({"model": "nope", "sources": ["abc"]}, grpc.StatusCode.NOT_FOUND, "no model named 'nope'"),
         ({"model": "", "sources": ["abc"]}, grpc.StatusCode.INVALID_ARGUMENT, "names no model"),
         ({"model": "rev", "version": 9, "sources": ["abc"]}, grpc.StatusCode.NOT_FOUND, "no version 9"),
+        ({"model": "m" * 5000, "sources": ["abc"]}, grpc.StatusCode.INVALID_ARGUMENT, "at most 200 characters"),
         ({"model": "rev", "sources": []}, grpc.StatusCode.INVALID_ARGUMENT, "no sources"),
         ({"model": "rev", "sources": [""]}, grpc.StatusCode.INVALID_ARGUMENT, "source 0"),
         ({"model": "rev", "sources": ["ab", "a" * 300]}, grpc.StatusCode.INVALID_ARGUMENT, "source 1 has 300 tokens"),
