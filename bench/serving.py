@@ -51,7 +51,9 @@ def test_words(limit: int, seed: int) -> list[str]:
 
 
 class ServerProcess:
-    def __init__(self, repo: Path, batching: str, threads: int, extra: list[str], workers: int = 1) -> None:
+    def __init__(
+        self, repo: Path, batching: str, threads: int, extra: list[str], workers: int = 1, cpus: str = ""
+    ) -> None:
         self.port = free_port()
         args = [
             sys.executable,
@@ -77,6 +79,8 @@ class ServerProcess:
             *extra,
         ]
         env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'proto'}"}
+        if cpus:  # pin the server away from the load generator
+            args = ["taskset", "-c", cpus, *args]
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env)
         self.target = f"127.0.0.1:{self.port}"
 
@@ -219,6 +223,7 @@ def main() -> int:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="engines per model version (seqserve serve --workers)")
+    p.add_argument("--pin", action="store_true", help="server on CPU 0, load generator on CPU 1 (2-core machines)")
     p.add_argument("--single-words", type=int, default=150, help="words for the one-client-at-a-time run")
     p.add_argument("--concurrent-words", type=int, default=2000, help="words for the 64-client run")
     p.add_argument("--open-loop-seconds", type=float, default=20.0)
@@ -231,6 +236,10 @@ def main() -> int:
     args = p.parse_args()
 
     words = test_words(20_000, args.seed)
+    server_cpus = ""
+    if args.pin:
+        os.sched_setaffinity(0, {1})
+        server_cpus = "0"
     versions = sorted(int(v.name) for v in (args.model_repository / args.model).iterdir() if v.name.isdigit())
     bundle_dir = args.model_repository / args.model / str(versions[-1])
     results: dict[str, Any] = {
@@ -238,11 +247,13 @@ def main() -> int:
         "model": f"{args.model}/{versions[-1]}",
         "beam": args.beam,
         "threads": args.threads,
+        "workers": args.workers,
+        "pinned": args.pin,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
     # 1 + 3: step-level server
-    server = ServerProcess(args.model_repository, "step", args.threads, [], args.workers)
+    server = ServerProcess(args.model_repository, "step", args.threads, [], args.workers, server_cpus)
     try:
         server.wait_ready(args.model)
         one = asyncio.run(closed_loop(server.target, args.model, words[: args.single_words], 1, args.beam))
@@ -280,7 +291,7 @@ def main() -> int:
     # 2: saturation of each mode (64 closed-loop clients), then open loop at 70 % of the lower one, so that
     #    both modes complete the same throughput; same arrival times and words for both
     request_extra = ["--max-batch", str(args.request_max_batch), "--max-wait-ms", str(args.request_max_wait_ms)]
-    server = ServerProcess(args.model_repository, "request", args.threads, request_extra, args.workers)
+    server = ServerProcess(args.model_repository, "request", args.threads, request_extra, args.workers, server_cpus)
     try:
         server.wait_ready(args.model)
         sat_request = asyncio.run(closed_loop(server.target, args.model, words[: args.concurrent_words], 64, args.beam))
@@ -309,7 +320,7 @@ def main() -> int:
     runs: dict[str, list[dict[str, float]]] = {"step": [], "request": []}
     for repeat in range(args.open_loop_repeats):
         for batching, extra in (("step", []), ("request", request_extra)):
-            server = ServerProcess(args.model_repository, batching, args.threads, extra, args.workers)
+            server = ServerProcess(args.model_repository, batching, args.threads, extra, args.workers, server_cpus)
             try:
                 server.wait_ready(args.model)
                 r = asyncio.run(open_loop(server.target, args.model, mixed, rate, args.beam, args.seed + repeat))
