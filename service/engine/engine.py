@@ -10,8 +10,9 @@ the onnxruntime sessions and the :class:`DecodeBatch`. The two meet through an i
   running batch at the next step; a source that finishes leaves the batch at once and its result is
   handed to the event loop without the worker waiting for it.
 
-Two batching modes: ``step`` (above) and ``request`` (collect up to ``max_batch`` sources or
-``max_wait_ms``, then decode that batch to the end before admitting more).
+Two batching modes: ``step`` (above) and ``request``, the classic baseline: collect up to
+``max_batch`` sources or ``max_wait_ms``, decode that batch to the end (finished sources stop costing
+compute) and answer all of it when its last source ends, then admit the next batch.
 """
 
 from __future__ import annotations
@@ -231,6 +232,7 @@ class Engine:
         assert self._loop is not None
         loop = self._loop
         m, label = self.metrics, self.label
+        held: list[Job] = []  # request batching: finished sources of the running batch
         while True:
             if not batch.jobs and not self._inbox:
                 self._has_work.wait()
@@ -260,12 +262,19 @@ class Engine:
                 m.batch_rows.labels(label).observe(rows)
             except Exception:
                 log.exception("model %s version %d: decode step failed", self.bundle.name, self.bundle.version)
-                failed = list(batch.jobs) + joining
+                failed = list(batch.jobs) + joining + held
+                held = []
                 batch = DecodeBatch(self.runtime, pad_id=self.bundle.pad, copy=self.bundle.copy)
                 loop.call_soon_threadsafe(self._finished, failed, True)
                 continue
-            if finished:
-                loop.call_soon_threadsafe(self._finished, finished, False)
+            if not finished:
+                continue
+            if self.settings.batching == "request":  # a batch is answered as a whole, when its last source ends
+                held.extend(finished)
+                if batch.jobs:
+                    continue
+                finished, held = held, []
+            loop.call_soon_threadsafe(self._finished, finished, False)
 
 
 class EnginePool:

@@ -322,3 +322,32 @@ def test_reflection_lists_the_services(server: ServerThread) -> None:
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"seqserve.v1.Seq2Seq", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize("batching", ["step", "request"])
+def test_when_finished_sources_are_answered(model_repo: Path, batching: str, monkeypatch) -> None:
+    """Step batching answers each source the step it ends; request batching answers a batch as a whole."""
+    from service.engine.engine import Engine
+
+    answered: list[int] = []
+    original = Engine._finished
+
+    def record(self, jobs, error):
+        answered.append(len(jobs))
+        original(self, jobs, error)
+
+    monkeypatch.setattr(Engine, "_finished", record)
+    server = ServerThread(settings_for(model_repo, batching=batching, max_batch=4, max_wait_ms=500)).start()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.Seq2SeqStub(channel)
+            answered.clear()  # forget the warm-up
+            words = ["ab", "abcdefghij" * 2, "abc", "abcdefgh"]  # very different output lengths
+            with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+                list(pool.map(lambda w: translate(stub, [w], beam_size=2), words))
+    finally:
+        server.stop()
+    if batching == "request":
+        assert answered == [4]
+    else:
+        assert len(answered) > 1 and sum(answered) == 4
