@@ -230,6 +230,7 @@ def main() -> int:
     p.add_argument("--open-loop-repeats", type=int, default=3, help="alternating runs per batching mode")
     p.add_argument("--idle-words", type=int, default=60)
     p.add_argument("--request-max-batch", type=int, default=64)
+    p.add_argument("--step-join-wait-ms", type=float, default=0.0, help="seqserve serve --join-wait-ms for step mode")
     p.add_argument("--request-max-wait-ms", type=float, default=10.0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     p.add_argument("--seed", type=int, default=1)
@@ -249,11 +250,13 @@ def main() -> int:
         "threads": args.threads,
         "workers": args.workers,
         "pinned": args.pin,
+        "step_join_wait_ms": args.step_join_wait_ms,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
     # 1 + 3: step-level server
-    server = ServerProcess(args.model_repository, "step", args.threads, [], args.workers, server_cpus)
+    step_extra = ["--join-wait-ms", str(args.step_join_wait_ms), "--max-batch", str(args.request_max_batch)]
+    server = ServerProcess(args.model_repository, "step", args.threads, step_extra, args.workers, server_cpus)
     try:
         server.wait_ready(args.model)
         one = asyncio.run(closed_loop(server.target, args.model, words[: args.single_words], 1, args.beam))
@@ -319,7 +322,7 @@ def main() -> int:
     # alternate the modes and repeat: single runs of p99 on this shared 2-core machine swing by 1.5x
     runs: dict[str, list[dict[str, float]]] = {"step": [], "request": []}
     for repeat in range(args.open_loop_repeats):
-        for batching, extra in (("step", []), ("request", request_extra)):
+        for batching, extra in (("step", step_extra), ("request", request_extra)):
             server = ServerProcess(args.model_repository, batching, args.threads, extra, args.workers, server_cpus)
             try:
                 server.wait_ready(args.model)
