@@ -254,6 +254,9 @@ class Engine:
                     batch.add(joining)
                     m.encoder_seconds.labels(label).observe(time.perf_counter() - t0)
                 if not batch.jobs:
+                    if held:  # request batching: the rest of the batch was dropped; answer what finished
+                        loop.call_soon_threadsafe(self._finished, held, False)
+                        held = []
                     continue
                 rows = batch.rows
                 t0 = time.perf_counter()

@@ -351,3 +351,23 @@ def test_when_finished_sources_are_answered(model_repo: Path, batching: str, mon
         assert answered == [4]
     else:
         assert len(answered) > 1 and sum(answered) == 4
+
+
+def test_request_batching_answers_finished_sources_when_the_rest_of_the_batch_is_dropped(model_repo: Path) -> None:
+    server = ServerThread(settings_for(model_repo, batching="request", max_batch=2, max_wait_ms=300)).start()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.Seq2SeqStub(channel)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+                slow = pool.submit(
+                    translate, stub, ["abcdefghij" * 2], 0.15, beam_size=64, min_length=500, max_length=500
+                )
+                time.sleep(0.05)
+                quick = pool.submit(translate, stub, ["ab"], 20, beam_size=1)
+                assert quick.result().translations[0].hypotheses  # answered although its batch partner was dropped
+                with pytest.raises(grpc.RpcError) as info:
+                    slow.result()
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert translate(stub, ["abc"]).translations  # and the engine admits new batches afterwards
+    finally:
+        server.stop()
