@@ -238,17 +238,17 @@ class Engine:
                 self._has_work.wait()
                 self._has_work.clear()
             joining: list[Job] = []
-            while self._inbox:
-                op, jobs = self._inbox.popleft()
-                if op == "stop":
-                    return
-                if op == "add":
-                    joining.extend(jobs)
-                else:  # drop
-                    gone = set(map(id, jobs))
-                    joining = [j for j in joining if id(j) not in gone]
-                    batch.remove([j for j in batch.jobs if id(j) in gone])
             try:
+                while self._inbox:
+                    op, jobs = self._inbox.popleft()
+                    if op == "stop":
+                        return
+                    if op == "add":
+                        joining.extend(jobs)
+                    else:  # drop
+                        gone = set(map(id, jobs))
+                        joining = [j for j in joining if id(j) not in gone]
+                        batch.remove([j for j in batch.jobs if id(j) in gone])
                 if joining:
                     t0 = time.perf_counter()
                     batch.add(joining)
