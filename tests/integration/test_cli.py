@@ -27,6 +27,11 @@ def seqserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "service.cli", *args]
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``seqserve ARGS`` as a subprocess; output captured, exit status not checked."""
+    return subprocess.run(seqserve(*args), cwd=ROOT, env=env(), capture_output=True, text=True, check=False, timeout=60)
+
+
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'proto'}"}
 
@@ -59,36 +64,14 @@ def test_serve_translate_and_sigterm(model_repo: Path) -> None:
     )
     try:
         wait_serving(f"127.0.0.1:{port}", proc)
-        out = subprocess.run(
-            seqserve("translate", "--server", f"127.0.0.1:{port}", "--model", "rev", "abc", "fed"),
-            cwd=ROOT,
-            env=env(),
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        )
+        out = run_cli("translate", "--server", f"127.0.0.1:{port}", "--model", "rev", "abc", "fed")
+        assert out.returncode == 0, out.stderr
         assert out.stdout.splitlines() == ["c b a", "d e f"]
-        out = subprocess.run(
-            seqserve("translate", "--server", f"127.0.0.1:{port}", "--model", "rev", "--json", "--n-best", "2", "abc"),
-            cwd=ROOT,
-            env=env(),
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        )
+        out = run_cli("translate", "--server", f"127.0.0.1:{port}", "--model", "rev", "--json", "--n-best", "2", "abc")
+        assert out.returncode == 0, out.stderr
         parsed = json.loads(out.stdout)
         assert len(parsed["translations"][0]["hypotheses"]) == 2
-        bad = subprocess.run(
-            seqserve("translate", "--server", f"127.0.0.1:{port}", "--model", "nope", "abc"),
-            cwd=ROOT,
-            env=env(),
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
+        bad = run_cli("translate", "--server", f"127.0.0.1:{port}", "--model", "nope", "abc")
         assert bad.returncode == 1
         assert bad.stderr.startswith("seqserve translate: NOT_FOUND: no model named 'nope'")
     finally:
@@ -99,15 +82,7 @@ def test_serve_translate_and_sigterm(model_repo: Path) -> None:
 
 
 def test_serve_refuses_a_missing_repository(tmp_path: Path) -> None:
-    result = subprocess.run(
-        seqserve("serve", "--model-repository", str(tmp_path / "absent")),
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    result = run_cli("serve", "--model-repository", str(tmp_path / "absent"))
     assert result.returncode == 2
     assert "is not a directory" in result.stderr
 
