@@ -451,7 +451,8 @@ class Trainer:
             if completed:
                 self.state["epoch"] += 1
                 self.state["batch_in_epoch"] = 0
-            self.end_of_epoch(epoch, started, plateau=completed)
+            self.end_of_epoch(epoch, started, plateau=completed)  # saves last.pt
+            last_save = time.monotonic()
         self.check_replicas()
         return {
             "step": self.state["step"],

@@ -227,8 +227,11 @@ class Engine:
         return self._active_rows + sum(p.job.k for p in self._waiting)
 
     # ------------------------------------------------------------------ the worker thread
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.runtime, pad_id=self.bundle.pad, copy=self.bundle.copy)
+
     def _worker(self) -> None:
-        batch = DecodeBatch(self.runtime, pad_id=self.bundle.pad, copy=self.bundle.copy)
+        batch = self._new_batch()
         assert self._loop is not None
         loop = self._loop
         m, label = self.metrics, self.label
@@ -267,7 +270,7 @@ class Engine:
                 log.exception("model %s version %d: decode step failed", self.bundle.name, self.bundle.version)
                 failed = list(batch.jobs) + joining + held
                 held = []
-                batch = DecodeBatch(self.runtime, pad_id=self.bundle.pad, copy=self.bundle.copy)
+                batch = self._new_batch()
                 loop.call_soon_threadsafe(self._finished, failed, True)
                 continue
             if not finished:
@@ -311,7 +314,7 @@ class EnginePool:
         return sum(e.active for e in self.engines)
 
     async def decode(self, jobs: list[Job], deadline: float | None = None) -> list[Job]:
-        engine = min(self.engines, key=lambda e: e.load)
+        engine = self.engines[0] if len(self.engines) == 1 else min(self.engines, key=lambda e: e.load)
         return await engine.decode(jobs, deadline)
 
     async def close(self) -> None:
