@@ -8,6 +8,7 @@ rows of searches that left. Pure numpy plus a runtime object with ``encode`` / `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -71,6 +72,42 @@ def pad_ids(rows: Sequence[Sequence[int]], pad: int) -> tuple[IntArray, IntArray
     return out, lengths
 
 
+# The fixed cost of one encoder call, in source-token slots (one token position of one source): splitting a
+# group pays off when it saves more padding than this. Chosen by measurement with the shipped G2P bundle on the
+# 2-core dev machine (BENCHMARKS.md, "Encoder calls"): 64 CMUdict words per call took 50.7 ms padded to the
+# longest and 32.1 ms in groups at 20 slots; with 2-16 words grouping changed nothing beyond noise.
+ENCODER_CALL_SLOTS = 20
+MAX_GROUPED = 256  # above this many sources, keep one call (the grouping DP is quadratic)
+
+
+def encoder_groups(lengths: Sequence[int], call_slots: int = ENCODER_CALL_SLOTS) -> list[list[int]]:
+    """Split sources into encoder calls: sorted by length, cut where padding would cost more than a call.
+
+    Minimises ``sum(call_slots + size * longest)`` over contiguous groups of the length-sorted sources
+    (exact dynamic programme). Returns indices into ``lengths``; one group when nothing is saved.
+    """
+    n = len(lengths)
+    if n <= 1 or n > MAX_GROUPED:
+        return [list(range(n))]
+    order = sorted(range(n), key=lambda i: lengths[i])
+    sl = [lengths[i] for i in order]
+    best = [0.0] + [math.inf] * n  # best[i]: cost of the first i sorted sources
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        longest = sl[i - 1]
+        for j in range(i):
+            cost = best[j] + call_slots + (i - j) * longest
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    groups: list[list[int]] = []
+    i = n
+    while i > 0:
+        groups.append(order[cut[i] : i])
+        i = cut[i]
+    groups.reverse()
+    return groups
+
+
 def _pad_axis1(x: npt.NDArray[Any], width: int, value: float | int = 0) -> npt.NDArray[Any]:
     if x.shape[1] >= width:
         return x
@@ -101,11 +138,11 @@ class DecodeBatch:
 
     # ------------------------------------------------------------------ join
     def add(self, jobs: Sequence[Job]) -> None:
-        """Encode ``jobs`` together (padded by length) and append their K rows each."""
+        """Encode ``jobs`` (in length-sorted groups, see :func:`encoder_groups`) and append their K rows each."""
         if not jobs:
             return
         src, src_len = pad_ids([j.src_ids for j in jobs], self.pad_id)
-        memory, states = self.runtime.encode(src, src_len)  # [J, S, M], each [L, J, H]
+        memory, states = self._encode(src, src_len)  # [J, S, M], each [L, J, H]
         rep = np.repeat(np.arange(len(jobs)), [j.k for j in jobs])  # [R]
         new_memory = memory[rep]
         new_states = [s[:, rep] for s in states]
@@ -138,6 +175,21 @@ class DecodeBatch:
                     [_pad_axis1(self.src_ext, width, self.pad_id), _pad_axis1(new_ext, width, self.pad_id)]
                 )
         self.jobs.extend(jobs)
+
+    def _encode(self, src: IntArray, src_len: IntArray) -> tuple[FloatArray, list[FloatArray]]:
+        groups = encoder_groups(src_len.tolist())
+        if len(groups) == 1:
+            return self.runtime.encode(src, src_len)
+        parts = []
+        for idx in groups:
+            index = np.array(idx, dtype=np.int64)
+            lens = src_len[index]
+            parts.append(self.runtime.encode(src[index, : int(lens.max())], lens))
+        width = src.shape[1]
+        order = np.argsort(np.concatenate([np.array(idx, dtype=np.int64) for idx in groups]), kind="stable")
+        memory = np.concatenate([_pad_axis1(m, width) for m, _ in parts])[order]
+        states = [np.concatenate([s[i] for _, s in parts], axis=1)[:, order] for i in range(len(parts[0][1]))]
+        return memory, states
 
     # ------------------------------------------------------------------ leave
     def remove(self, jobs: Sequence[Job]) -> None:

@@ -187,8 +187,7 @@ class BeamSearch:
         top = top_candidates(cand, min(2 * k, cand.size))
         picks = []
         live = 0
-        for rank, flat in enumerate(top.tolist()):
-            value = float(cand[flat])
+        for rank, (flat, value) in enumerate(zip(top.tolist(), cand[top].tolist(), strict=True)):
             if value == NEG_INF:
                 break
             row, token = divmod(flat, vocab)

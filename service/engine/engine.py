@@ -62,11 +62,15 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.label = bundle.name
+        self._queue_length = metrics.queue_length.labels(self.label)
+        self._active_sources = metrics.active_sources.labels(self.label)
+        self._queue_wait = metrics.queue_wait_seconds.labels(self.label)
         # asyncio side (event-loop thread only)
         self._waiting: deque[Pending] = deque()
         self._active: dict[int, Pending] = {}
         self._active_rows = 0
         self._expiry_at = math.inf  # earliest deadline / queue-wait limit among the waiting (0: scan now)
+        self._sleep_until = math.inf  # when the task wakes by itself next
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -104,10 +108,16 @@ class Engine:
         pending = [Pending(j, loop.create_future(), now, deadline) for j in jobs]
         self._waiting.extend(pending)
         self._expiry_at = min([self._expiry_at, *(self._expiry(p) for p in pending)])
-        self.metrics.queue_length.labels(self.label).set(len(self._waiting))
-        self._wake.set()
+        self._admit(now)  # straight to the worker when they can join now; the task handles the rest
+        self._queue_length.set(len(self._waiting))
+        self._active_sources.set(len(self._active))
+        if self._waiting or (deadline is not None and deadline < self._sleep_until):
+            self._wake.set()  # (not waking the task keeps the event loop free while the worker starts)
         try:
-            await asyncio.gather(*(p.future for p in pending))
+            if len(pending) == 1:  # one source (the common case): one loop iteration less than gather
+                await pending[0].future
+            else:
+                await asyncio.gather(*(p.future for p in pending))
         except BaseException:
             for p in pending:
                 p.cancelled = True
@@ -132,24 +142,32 @@ class Engine:
             now = time.monotonic()
             self._expire_waiting(now)
             self._drop_active(now)
-            head = itertools.islice(self._waiting, max(self.settings.max_batch, self.settings.max_rows))
-            count, window = choose_admissions(  # only the head of the queue can join now
-                [p.waiting() for p in head], self._active_rows, len(self._active), now, self.settings
-            )
-            if count:
-                admit = [self._waiting.popleft() for _ in range(count)]
-                for p in admit:
-                    self._active[id(p.job)] = p
-                    self._active_rows += p.job.k
-                    self.metrics.queue_wait_seconds.labels(self.label).observe(now - p.enqueued)
-                self._post("add", [p.job for p in admit])
-            self.metrics.queue_length.labels(self.label).set(len(self._waiting))
-            self.metrics.active_sources.labels(self.label).set(len(self._active))
+            window = self._admit(now)
+            self._queue_length.set(len(self._waiting))
+            self._active_sources.set(len(self._active))
             if self._closing and not self._waiting and not self._active:
                 return
             timeout = self._next_timeout(now, window)
+            self._sleep_until = math.inf if timeout is None else now + timeout
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _admit(self, now: float) -> float:
+        """Post the waiting sources that can join now to the worker; returns how long to wait if none can."""
+        if not self._waiting:
+            return 0.0
+        head = itertools.islice(self._waiting, max(self.settings.max_batch, self.settings.max_rows))
+        count, window = choose_admissions(  # only the head of the queue can join now
+            [p.waiting() for p in head], self._active_rows, len(self._active), now, self.settings
+        )
+        if count:
+            admit = [self._waiting.popleft() for _ in range(count)]
+            for p in admit:
+                self._active[id(p.job)] = p
+                self._active_rows += p.job.k
+                self._queue_wait.observe(now - p.enqueued)
+            self._post("add", [p.job for p in admit])
+        return window
 
     def _expiry(self, p: Pending) -> float:
         limit = p.enqueued + self.settings.max_queue_wait_ms / 1000.0
@@ -219,7 +237,9 @@ class Engine:
                 p.future.set_exception(StepFailed("decode step failed"))
             else:
                 p.future.set_result(job)
-        self._wake.set()
+        self._active_sources.set(len(self._active))
+        if self._waiting or self._closing:  # someone can join now, or the task may be done
+            self._wake.set()
 
     @property
     def load(self) -> int:
@@ -235,6 +255,8 @@ class Engine:
         assert self._loop is not None
         loop = self._loop
         m, label = self.metrics, self.label
+        encoder_seconds, step_seconds = m.encoder_seconds.labels(label), m.step_seconds.labels(label)
+        batch_rows = m.batch_rows.labels(label)
         held: list[Job] = []  # request batching: finished sources of the running batch
         while True:
             if not batch.jobs and not self._inbox:
@@ -255,7 +277,7 @@ class Engine:
                 if joining:
                     t0 = time.perf_counter()
                     batch.add(joining)
-                    m.encoder_seconds.labels(label).observe(time.perf_counter() - t0)
+                    encoder_seconds.observe(time.perf_counter() - t0)
                 if not batch.jobs:
                     if held:  # request batching: the rest of the batch was dropped; answer what finished
                         loop.call_soon_threadsafe(self._finished, held, False)
@@ -264,8 +286,8 @@ class Engine:
                 rows = batch.rows
                 t0 = time.perf_counter()
                 finished = batch.step()
-                m.step_seconds.labels(label).observe(time.perf_counter() - t0)
-                m.batch_rows.labels(label).observe(rows)
+                step_seconds.observe(time.perf_counter() - t0)
+                batch_rows.observe(rows)
             except Exception:
                 log.exception("model %s version %d: decode step failed", self.bundle.name, self.bundle.version)
                 failed = list(batch.jobs) + joining + held

@@ -87,6 +87,15 @@ class Runtime:
         self._step_outputs = manifest.graphs["decoder_step"].output_names()
         self._enc_outputs = manifest.graphs["encoder"].output_names()
         self.state_names = manifest.state_names
+        self._state_inputs = [f"state_{n}" for n in self.state_names]
+        position = {name: i for i, name in enumerate(self._step_outputs)}
+        wanted = ["log_probs", "feed_out", "attention", *(f"state_{n}_out" for n in self.state_names)]
+        missing = [name for name in wanted if name not in position]
+        if missing:
+            raise BundleError(f"the decoder_step graph lacks the outputs {', '.join(missing)}")
+        self._out_log_probs, self._out_feed = position["log_probs"], position["feed_out"]
+        self._out_attention = position["attention"]
+        self._out_states = [position[f"state_{n}_out"] for n in self.state_names]
         arch = manifest.architecture
         self.dec_hidden = int(arch["dec_hidden"])
         self.dec_layers = int(arch["dec_layers"])
@@ -119,15 +128,14 @@ class Runtime:
         }
         if src_ext is not None:
             values["src_ext"] = src_ext
-        for name, state in zip(self.state_names, states, strict=True):
-            values[f"state_{name}"] = state
+        values.update(zip(self._state_inputs, states, strict=True))
         feeds = {k: v for k, v in values.items() if k in self._step_inputs}
-        out = dict(zip(self._step_outputs, self._step.run(self._step_outputs, feeds), strict=True))
+        out = self._step.run(self._step_outputs, feeds)
         return StepOutput(
-            log_probs=out["log_probs"],
-            states=[out[f"state_{s}_out"] for s in self.state_names],
-            feed=out["feed_out"],
-            attention=out["attention"],
+            log_probs=out[self._out_log_probs],
+            states=[out[i] for i in self._out_states],
+            feed=out[self._out_feed],
+            attention=out[self._out_attention],
         )
 
     def initial_feed(self, rows: int) -> FloatArray:

@@ -1,0 +1,78 @@
+"""The decode batch's encoder calls: sources of very different lengths are encoded in groups."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from service.engine.batch import DecodeBatch, Job, encoder_groups
+from service.engine.beam import BeamSearch, SearchOptions
+from tests.fakes import BOS, EOS, PAD, TableRuntime
+
+
+def padded_cost(lengths: list[int], groups: list[list[int]], call_slots: int) -> int:
+    return sum(call_slots + len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def brute_force_cost(lengths: list[int], call_slots: int) -> int:
+    """The cheapest split of the length-sorted sources into contiguous groups, by trying every split."""
+    ordered = sorted(lengths)
+    best = None
+    for cuts in itertools.product([False, True], repeat=len(ordered) - 1):
+        cost, start = 0, 0
+        for i, cut in enumerate([*cuts, True]):
+            if cut:
+                cost += call_slots + (i + 1 - start) * ordered[i]
+                start = i + 1
+        best = cost if best is None else min(best, cost)
+    assert best is not None
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_encoder_groups_are_the_cheapest_split(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 30, size=int(rng.integers(2, 11))).tolist()
+    groups = encoder_groups(lengths, call_slots=12)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each source exactly once
+    assert padded_cost(lengths, groups, 12) == brute_force_cost(lengths, 12)
+
+
+def test_similar_lengths_stay_in_one_call_and_outliers_get_their_own() -> None:
+    assert [sorted(g) for g in encoder_groups([7, 8, 8, 9, 7])] == [[0, 1, 2, 3, 4]]
+    groups = encoder_groups([3] * 10 + [40])
+    assert sorted(map(len, groups)) == [1, 10]
+
+
+def test_grouped_encoding_keeps_each_source_with_its_own_state() -> None:
+    """Sources of length 1..40 joined at once (several encoder calls) decode exactly as they do alone."""
+    rng = np.random.default_rng(3)
+    sources = [rng.integers(4, 7, size=n).tolist() for n in [1, 40, 2, 35, 3, 1, 38, 2]]
+    options = SearchOptions(beam_size=3, n_best=3, max_len=6)
+
+    def decode(srcs: list[list[int]], rt: TableRuntime) -> list[Job]:
+        jobs = [Job(BeamSearch(options, len(s), BOS, EOS, PAD), s) for s in srcs]
+        batch = DecodeBatch(rt, pad_id=PAD)
+        batch.add(jobs)
+        while batch.jobs:
+            batch.step()
+        return jobs
+
+    encoder_calls = 0
+    rt = TableRuntime(seed=11)
+    plain_encode = rt.encode
+
+    def counting_encode(src: np.ndarray, src_len: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        nonlocal encoder_calls
+        encoder_calls += 1
+        return plain_encode(src, src_len)
+
+    rt.encode = counting_encode  # type: ignore[method-assign]
+    together = decode(sources, rt)
+    assert encoder_calls > 1  # the long and the short sources were encoded apart
+    for src, job in zip(sources, together, strict=True):
+        alone = decode([src], TableRuntime(seed=11))[0]
+        assert [h.tokens for h in job.search.results()] == [h.tokens for h in alone.search.results()]
+        assert [h.score for h in job.search.results()] == pytest.approx([h.score for h in alone.search.results()])
