@@ -201,6 +201,27 @@ def bare_onnxruntime_cost(bundle_dir: Path, words: list[str], beam: int, threads
     return costs
 
 
+def batched_cost_per_word(bundle_dir: Path, words: list[str], beam: int, threads: int) -> float:
+    """Seconds per word when the engine's own search decodes them offline, 64 words per batch, best of 2.
+
+    No gRPC, no threads, no waiting: what one worker can do at best, so 1-client latency divided by this
+    bounds the throughput gain that batching can give on this machine.
+    """
+    from service.engine.batch import decode_all
+    from service.engine.beam import SearchOptions
+    from service.runtime.bundle import Bundle
+
+    bundle = Bundle(bundle_dir, threads=threads)
+    opts = SearchOptions(beam_size=beam, n_best=1, max_len=bundle.manifest.default_max_length)
+    best = float("inf")
+    for _ in range(2):
+        jobs = [bundle.make_job(w, opts, 10_000) for w in words]
+        t0 = time.perf_counter()
+        decode_all(bundle.runtime, jobs, max_rows=64 * beam, pad_id=bundle.pad)
+        best = min(best, time.perf_counter() - t0)
+    return best / len(words)
+
+
 async def idle_latency(target: str, model: str, words: list[str], beam: int) -> list[float]:
     out = []
     async with grpc.aio.insecure_channel(target) as channel:
@@ -227,10 +248,16 @@ def main() -> int:
     p.add_argument("--single-words", type=int, default=150, help="words for the one-client-at-a-time run")
     p.add_argument("--concurrent-words", type=int, default=2000, help="words for the 64-client run")
     p.add_argument("--open-loop-seconds", type=float, default=20.0)
-    p.add_argument("--open-loop-repeats", type=int, default=3, help="alternating runs per batching mode")
+    p.add_argument("--open-loop-repeats", type=int, default=5, help="alternating runs per batching mode")
     p.add_argument("--idle-words", type=int, default=60)
     p.add_argument("--request-max-batch", type=int, default=64)
     p.add_argument("--step-join-wait-ms", type=float, default=0.0, help="seqserve serve --join-wait-ms for step mode")
+    p.add_argument(
+        "--step-encoder-thread",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="seqserve serve --encoder-thread / --no-encoder-thread for step mode",
+    )
     p.add_argument("--request-max-wait-ms", type=float, default=10.0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     p.add_argument("--seed", type=int, default=1)
@@ -251,11 +278,13 @@ def main() -> int:
         "workers": args.workers,
         "pinned": args.pin,
         "step_join_wait_ms": args.step_join_wait_ms,
+        "step_encoder_thread": args.step_encoder_thread,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
     # 1 + 3: step-level server
     step_extra = ["--join-wait-ms", str(args.step_join_wait_ms), "--max-batch", str(args.request_max_batch)]
+    step_extra.append("--encoder-thread" if args.step_encoder_thread else "--no-encoder-thread")
     server = ServerProcess(args.model_repository, "step", args.threads, step_extra, args.workers, server_cpus)
     try:
         server.wait_ready(args.model)
@@ -276,6 +305,14 @@ def main() -> int:
     finally:
         server.stop()
     bare = bare_onnxruntime_cost(bundle_dir, idle_words, args.beam, args.threads)
+    batched = batched_cost_per_word(bundle_dir, words[: args.concurrent_words], args.beam, args.threads)
+    results["throughput"]["batched_cost_ms_per_word"] = 1000 * batched
+    results["throughput"]["ceiling_ratio"] = (one["seconds"] / one["words"]) / batched
+    print(
+        f"throughput ceiling: {1000 * batched:.2f} ms per word decoded offline in batches of 64 words "
+        f"(no gRPC, one thread) -> 64-client/1-client ratio at most {results['throughput']['ceiling_ratio']:.2f}x",
+        flush=True,
+    )
     ratios = [s / b for s, b in zip(served, bare, strict=True)]
     results["idle_latency"] = {
         "words": len(idle_words),
@@ -342,6 +379,12 @@ def main() -> int:
         }
     ol = results["open_loop"]
     ol["p99_ratio_request_over_step"] = ol["request"]["p99_ms"] / ol["step"]["p99_ms"]
+    ol["p99_ratio_per_repeat"] = [r["p99_ms"] / s["p99_ms"] for s, r in zip(runs["step"], runs["request"], strict=True)]
+    print(
+        f"open loop p99 request/step: median {ol['p99_ratio_request_over_step']:.2f}, per repeat "
+        + ", ".join(f"{x:.2f}" for x in ol["p99_ratio_per_repeat"]),
+        flush=True,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

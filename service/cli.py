@@ -40,6 +40,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="step batching: newcomers to a running batch gather this long to be encoded together",
     )
+    p.add_argument(
+        "--encoder-thread",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="step batching: encode sources that join a running batch on a second thread, beside the decoder steps "
+        "(default: on; --no-encoder-thread: the worker encodes them between steps)",
+    )
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="request batching: time to collect a batch")
     p.add_argument("--max-sources", type=int, default=256, help="sources per request")
     p.add_argument("--max-source-length", type=int, default=256, help="source tokens")
@@ -63,6 +70,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         workers=args.workers,
         join_wait_ms=args.join_wait_ms,
+        encoder_thread=args.encoder_thread,
     )
     try:
         engine.validate()

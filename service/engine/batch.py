@@ -57,6 +57,7 @@ class Job:
     src_ext: list[int] | None = None
     tag: Any = None
     joined_at_step: int = field(default=-1)
+    dropped: bool = False  # set by the engine when the source is cancelled or expires; its rows never join
 
     @property
     def k(self) -> int:
@@ -116,6 +117,71 @@ def _pad_axis1(x: npt.NDArray[Any], width: int, value: float | int = 0) -> npt.N
     return np.pad(x, pad, constant_values=value)
 
 
+@dataclass(eq=False)
+class Encoded:
+    """Sources encoded and expanded to their K rows each, ready to join a batch (made on any thread)."""
+
+    jobs: list[Job]
+    memory: FloatArray  # [R, S, M]
+    states: list[FloatArray]  # each [L, R, H]
+    src_len: IntArray  # [R]
+    src_ext: IntArray | None  # [R, S] (copy models)
+    feed: FloatArray  # [R, H]
+
+    def without_dropped(self) -> Encoded:
+        keep_jobs = [j for j in self.jobs if not j.dropped]
+        rows = np.concatenate(
+            [np.arange(o, o + j.k) for j, o in zip(self.jobs, _offsets(self.jobs), strict=True) if not j.dropped]
+            or [np.zeros(0, dtype=np.int64)]
+        )
+        return Encoded(
+            keep_jobs,
+            self.memory[rows],
+            [s[:, rows] for s in self.states],
+            self.src_len[rows],
+            None if self.src_ext is None else self.src_ext[rows],
+            self.feed[rows],
+        )
+
+
+def _offsets(jobs: Sequence[Job]) -> list[int]:
+    out, offset = [], 0
+    for j in jobs:
+        out.append(offset)
+        offset += j.k
+    return out
+
+
+def encode_jobs(runtime: DecoderRuntime, jobs: Sequence[Job], pad_id: int, copy: bool) -> Encoded:
+    """Encode sources in length-sorted groups (:func:`encoder_groups`) and repeat each K times."""
+    src, src_len = pad_ids([j.src_ids for j in jobs], pad_id)
+    memory, states = _encode_grouped(runtime, src, src_len)  # [J, S, M], each [L, J, H]
+    rep = np.repeat(np.arange(len(jobs)), [j.k for j in jobs])  # [R]
+    ext = None
+    if copy:
+        ids, _ = pad_ids([j.src_ext or [] for j in jobs], pad_id)
+        ext = _pad_axis1(ids, src.shape[1], pad_id)[rep]
+    return Encoded(
+        list(jobs), memory[rep], [s[:, rep] for s in states], src_len[rep], ext, runtime.initial_feed(len(rep))
+    )
+
+
+def _encode_grouped(runtime: DecoderRuntime, src: IntArray, src_len: IntArray) -> tuple[FloatArray, list[FloatArray]]:
+    groups = encoder_groups(src_len.tolist())
+    if len(groups) == 1:
+        return runtime.encode(src, src_len)
+    parts = []
+    for idx in groups:
+        index = np.array(idx, dtype=np.int64)
+        lens = src_len[index]
+        parts.append(runtime.encode(src[index, : int(lens.max())], lens))
+    width = src.shape[1]
+    order = np.argsort(np.concatenate([np.array(idx, dtype=np.int64) for idx in groups]), kind="stable")
+    memory = np.concatenate([_pad_axis1(m, width) for m, _ in parts])[order]
+    states = [np.concatenate([s[i] for _, s in parts], axis=1)[:, order] for i in range(len(parts[0][1]))]
+    return memory, states
+
+
 class DecodeBatch:
     def __init__(self, runtime: DecoderRuntime, pad_id: int = 0, copy: bool = False) -> None:
         self.runtime = runtime
@@ -138,58 +204,39 @@ class DecodeBatch:
 
     # ------------------------------------------------------------------ join
     def add(self, jobs: Sequence[Job]) -> None:
-        """Encode ``jobs`` (in length-sorted groups, see :func:`encoder_groups`) and append their K rows each."""
-        if not jobs:
+        """Encode ``jobs`` (see :func:`encode_jobs`) and append their K rows each."""
+        if jobs:
+            self.append(encode_jobs(self.runtime, jobs, self.pad_id, self.copy))
+
+    def append(self, enc: Encoded) -> None:
+        """Add encoded sources to the batch; they take part from the next step. Dropped ones are skipped."""
+        if any(j.dropped for j in enc.jobs):
+            enc = enc.without_dropped()
+        if not enc.jobs:
             return
-        src, src_len = pad_ids([j.src_ids for j in jobs], self.pad_id)
-        memory, states = self._encode(src, src_len)  # [J, S, M], each [L, J, H]
-        rep = np.repeat(np.arange(len(jobs)), [j.k for j in jobs])  # [R]
-        new_memory = memory[rep]
-        new_states = [s[:, rep] for s in states]
-        new_len = src_len[rep]
-        new_ext = None
-        if self.copy:
-            ext, _ = pad_ids([j.src_ext or [] for j in jobs], self.pad_id)
-            new_ext = _pad_axis1(ext, src.shape[1], self.pad_id)[rep]
-        new_feed = self.runtime.initial_feed(len(rep))
-        for j in jobs:
+        for j in enc.jobs:
             j.joined_at_step = self.steps
         if not self.jobs:
             self.memory, self.states, self.src_len, self.src_ext, self.feed = (
-                new_memory,
-                new_states,
-                new_len,
-                new_ext,
-                new_feed,
+                enc.memory,
+                enc.states,
+                enc.src_len,
+                enc.src_ext,
+                enc.feed,
             )
         else:
             assert self.memory is not None and self.feed is not None and self.src_len is not None
-            width = max(self.memory.shape[1], new_memory.shape[1])
-            self.memory = np.concatenate([_pad_axis1(self.memory, width), _pad_axis1(new_memory, width)])
-            self.states = [np.concatenate([a, b], axis=1) for a, b in zip(self.states, new_states, strict=True)]
-            self.src_len = np.concatenate([self.src_len, new_len])
-            self.feed = np.concatenate([self.feed, new_feed])
-            if self.copy:
-                assert self.src_ext is not None and new_ext is not None
+            width = max(self.memory.shape[1], enc.memory.shape[1])
+            self.memory = np.concatenate([_pad_axis1(self.memory, width), _pad_axis1(enc.memory, width)])
+            self.states = [np.concatenate([a, b], axis=1) for a, b in zip(self.states, enc.states, strict=True)]
+            self.src_len = np.concatenate([self.src_len, enc.src_len])
+            self.feed = np.concatenate([self.feed, enc.feed])
+            if self.src_ext is not None:
+                assert enc.src_ext is not None
                 self.src_ext = np.concatenate(
-                    [_pad_axis1(self.src_ext, width, self.pad_id), _pad_axis1(new_ext, width, self.pad_id)]
+                    [_pad_axis1(self.src_ext, width, self.pad_id), _pad_axis1(enc.src_ext, width, self.pad_id)]
                 )
-        self.jobs.extend(jobs)
-
-    def _encode(self, src: IntArray, src_len: IntArray) -> tuple[FloatArray, list[FloatArray]]:
-        groups = encoder_groups(src_len.tolist())
-        if len(groups) == 1:
-            return self.runtime.encode(src, src_len)
-        parts = []
-        for idx in groups:
-            index = np.array(idx, dtype=np.int64)
-            lens = src_len[index]
-            parts.append(self.runtime.encode(src[index, : int(lens.max())], lens))
-        width = src.shape[1]
-        order = np.argsort(np.concatenate([np.array(idx, dtype=np.int64) for idx in groups]), kind="stable")
-        memory = np.concatenate([_pad_axis1(m, width) for m, _ in parts])[order]
-        states = [np.concatenate([s[i] for _, s in parts], axis=1)[:, order] for i in range(len(parts[0][1]))]
-        return memory, states
+        self.jobs.extend(enc.jobs)
 
     # ------------------------------------------------------------------ leave
     def remove(self, jobs: Sequence[Job]) -> None:

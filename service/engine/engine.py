@@ -6,9 +6,14 @@ the onnxruntime sessions and the :class:`DecodeBatch`. The two meet through an i
 - the task decides who joins (pure :func:`choose_admissions`) and who is dropped (cancelled, past
   the deadline) and posts ``add`` / ``drop`` messages;
 - the worker runs decoder steps back to back; before every step it takes what the inbox holds, so
-  a new source is encoded (together with the others that arrived, padded by length) and joins the
+  a new source is encoded (together with the others that arrived, grouped by length) and joins the
   running batch at the next step; a source that finishes leaves the batch at once and its result is
   handed to the event loop without the worker waiting for it.
+- with ``encoder_thread`` (step mode, the default), sources that join a *running* batch are encoded
+  on a second thread instead, all that wait in one call, while the worker's decoder steps go on; the
+  worker appends the encoded rows at its next step. A source for an idle batch is encoded by the worker
+  itself (one thread hand-off less). onnxruntime sessions may be run from several threads at once.
+  A cancelled or expired source is flagged ``dropped``, so neither thread lets it join.
 
 Two batching modes: ``step`` (above) and ``request``, the classic baseline: collect up to
 ``max_batch`` sources or ``max_wait_ms``, decode that batch to the end (finished sources stop costing
@@ -27,7 +32,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from service.engine.batch import DecodeBatch, Job
+from service.engine.batch import DecodeBatch, Encoded, Job, encode_jobs
 from service.engine.scheduler import EngineSettings, Waiting, choose_admissions, expired
 from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from service.metrics import Metrics
@@ -76,16 +81,30 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # the inbox between the two (deque appends and pops are thread-safe)
-        self._inbox: deque[tuple[str, list[Job]]] = deque()
+        self._inbox: deque[tuple[str, list[Job], Encoded | None]] = deque()
         self._has_work = threading.Event()
         self._thread = threading.Thread(
             target=self._worker, name=f"ort-{bundle.name}-{bundle.version}-{index}", daemon=True
         )
+        # step mode with encoder_thread: sources that join a running batch are encoded on this thread, so the
+        # decoder steps go on meanwhile (onnxruntime sessions are safe to run from several threads)
+        self._enc_inbox: deque[list[Job] | None] = deque()
+        self._enc_has_work = threading.Event()
+        self._enc_thread = (
+            threading.Thread(
+                target=self._encoder_worker, name=f"enc-{bundle.name}-{bundle.version}-{index}", daemon=True
+            )
+            if settings.batching == "step" and settings.encoder_thread
+            else None
+        )
+        self.encoded_aside = 0  # sources the encoder thread encoded (tests and debugging)
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread.start()
+        if self._enc_thread is not None:
+            self._enc_thread.start()
         self._task = self._loop.create_task(self._run(), name=f"engine-{self.bundle.name}-{self.bundle.version}")
 
     @property
@@ -134,6 +153,10 @@ class Engine:
             await self._task
         self._post("stop", [])
         await asyncio.to_thread(self._thread.join)
+        if self._enc_thread is not None:
+            self._enc_inbox.append(None)
+            self._enc_has_work.set()
+            await asyncio.to_thread(self._enc_thread.join)
 
     # ------------------------------------------------------------------ the asyncio task
     async def _run(self) -> None:
@@ -161,12 +184,18 @@ class Engine:
             [p.waiting() for p in head], self._active_rows, len(self._active), now, self.settings
         )
         if count:
+            running = bool(self._active)
             admit = [self._waiting.popleft() for _ in range(count)]
             for p in admit:
                 self._active[id(p.job)] = p
                 self._active_rows += p.job.k
                 self._queue_wait.observe(now - p.enqueued)
-            self._post("add", [p.job for p in admit])
+            jobs = [p.job for p in admit]
+            if running and self._enc_thread is not None:  # encode beside the running batch
+                self._enc_inbox.append(jobs)
+                self._enc_has_work.set()
+            else:  # an idle worker encodes them itself: one thread hand-off less
+                self._post("add", jobs)
         return window
 
     def _expiry(self, p: Pending) -> float:
@@ -181,8 +210,8 @@ class Engine:
         times.extend(p.deadline - now for p in self._active.values() if p.deadline is not None)
         return max(min(times), 0.0) + 0.001 if times else None
 
-    def _post(self, op: str, jobs: list[Job]) -> None:
-        self._inbox.append((op, jobs))
+    def _post(self, op: str, jobs: list[Job], encoded: Encoded | None = None) -> None:
+        self._inbox.append((op, jobs, encoded))
         self._has_work.set()
 
     def _expire_waiting(self, now: float) -> None:
@@ -204,6 +233,7 @@ class Engine:
         if not drops:
             return
         for p in drops:
+            p.job.dropped = True  # the threads skip it wherever it is
             del self._active[id(p.job)]
             self._active_rows -= p.job.k
             self._reject(p, now)
@@ -263,17 +293,23 @@ class Engine:
                 self._has_work.wait()
                 self._has_work.clear()
             joining: list[Job] = []
+            encoded: list[Encoded] = []
             try:
                 while self._inbox:
-                    op, jobs = self._inbox.popleft()
+                    op, jobs, enc = self._inbox.popleft()
                     if op == "stop":
                         return
                     if op == "add":
                         joining.extend(jobs)
-                    else:  # drop
+                    elif op == "join":  # encoded by the encoder thread
+                        assert enc is not None
+                        encoded.append(enc)
+                    else:  # drop (the jobs are flagged ``dropped``: joining ones are skipped)
                         gone = set(map(id, jobs))
-                        joining = [j for j in joining if id(j) not in gone]
                         batch.remove([j for j in batch.jobs if id(j) in gone])
+                joining = [j for j in joining if not j.dropped]
+                for enc in encoded:
+                    batch.append(enc)
                 if joining:
                     t0 = time.perf_counter()
                     batch.add(joining)
@@ -290,7 +326,7 @@ class Engine:
                 batch_rows.observe(rows)
             except Exception:
                 log.exception("model %s version %d: decode step failed", self.bundle.name, self.bundle.version)
-                failed = list(batch.jobs) + joining + held
+                failed = list(batch.jobs) + joining + held + [j for enc in encoded for j in enc.jobs]
                 held = []
                 batch = self._new_batch()
                 loop.call_soon_threadsafe(self._finished, failed, True)
@@ -303,6 +339,38 @@ class Engine:
                     continue
                 finished, held = held, []
             loop.call_soon_threadsafe(self._finished, finished, False)
+
+    def _encoder_worker(self) -> None:
+        """Step mode with ``encoder_thread``: encode sources that join a running batch, hand them to the worker."""
+        assert self._loop is not None
+        loop = self._loop
+        encoder_seconds = self.metrics.encoder_seconds.labels(self.label)
+        while True:
+            if not self._enc_inbox:
+                self._enc_has_work.wait()
+                self._enc_has_work.clear()
+            jobs: list[Job] = []
+            stop = False
+            while self._enc_inbox:  # everything that is waiting goes into one (grouped) encoder call
+                item = self._enc_inbox.popleft()
+                if item is None:
+                    stop = True
+                else:
+                    jobs.extend(item)
+            jobs = [j for j in jobs if not j.dropped]
+            if jobs:
+                t0 = time.perf_counter()
+                try:
+                    enc = encode_jobs(self.runtime, jobs, self.bundle.pad, self.bundle.copy)
+                except Exception:
+                    log.exception("model %s version %d: encoder failed", self.bundle.name, self.bundle.version)
+                    loop.call_soon_threadsafe(self._finished, jobs, True)
+                else:
+                    encoder_seconds.observe(time.perf_counter() - t0)
+                    self.encoded_aside += len(jobs)
+                    self._post("join", jobs, enc)
+            if stop:
+                return
 
 
 class EnginePool:

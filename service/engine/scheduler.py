@@ -18,6 +18,7 @@ class EngineSettings:
     max_wait_ms: float = 5.0  # request mode: how long to collect a batch
     workers: int = 1  # engines per model version, each with its own onnxruntime sessions and thread
     join_wait_ms: float = 0.0  # step mode: while a batch runs, let newcomers gather this long (or max_batch of them)
+    encoder_thread: bool = True  # step mode: encode newcomers on a second thread while the decoder steps go on
 
     def validate(self) -> None:
         if self.batching not in BATCHING_MODES:

@@ -62,8 +62,13 @@ def test_server_equals_offline_serving_search(stub, tiny_bundle: Path) -> None:
         assert scores == sorted(scores, reverse=True)
 
 
-@pytest.mark.parametrize(("batching", "workers"), [("step", 1), ("request", 1), ("step", 2)])
-def test_results_are_batch_invariant_under_concurrency(model_repo: Path, batching: str, workers: int) -> None:
+@pytest.mark.parametrize(
+    ("batching", "workers", "encoder_thread"),
+    [("step", 1, False), ("step", 1, True), ("request", 1, False), ("step", 2, True)],
+)
+def test_results_are_batch_invariant_under_concurrency(
+    model_repo: Path, batching: str, workers: int, encoder_thread: bool
+) -> None:
     """Mixed requests, each with its own options, get the same n-best alone or in any batch."""
     variants: list[dict[str, Any]] = [
         {"beam_size": 1},
@@ -75,7 +80,9 @@ def test_results_are_batch_invariant_under_concurrency(model_repo: Path, batchin
     ]
     requests = [(WORDS[i % len(WORDS)], variants[i % len(variants)]) for i in range(36)]
     server = ServerThread(
-        settings_for(model_repo, batching=batching, max_batch=8, max_wait_ms=20, workers=workers)
+        settings_for(
+            model_repo, batching=batching, max_batch=8, max_wait_ms=20, workers=workers, encoder_thread=encoder_thread
+        )
     ).start()
     try:
         with grpc.insecure_channel(server.target) as channel:
@@ -85,6 +92,10 @@ def test_results_are_batch_invariant_under_concurrency(model_repo: Path, batchin
                 together = list(pool.map(lambda r: translate(stub, [r[0]], **r[1]), requests))
         batch_hist = server.server.metrics.batch_rows.labels("rev")._sum.get()
         assert batch_hist > 0
+        pools = [entry.engine for entry in server.server.repository.versions() if entry.engine is not None]
+        engines = [e for pool in pools for e in pool.engines]
+        aside = sum(e.encoded_aside for e in engines)
+        assert aside > 0 if encoder_thread else aside == 0  # sources joined running batches from the encoder thread
     finally:
         server.stop()
     for a, b in zip(alone, together, strict=True):

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from service.engine.batch import DecodeBatch, Job, encoder_groups
+from service.engine.batch import DecodeBatch, Job, encode_jobs, encoder_groups
 from service.engine.beam import BeamSearch, SearchOptions
 from tests.fakes import BOS, EOS, PAD, TableRuntime
 
@@ -76,3 +76,26 @@ def test_grouped_encoding_keeps_each_source_with_its_own_state() -> None:
         alone = decode([src], TableRuntime(seed=11))[0]
         assert [h.tokens for h in job.search.results()] == [h.tokens for h in alone.search.results()]
         assert [h.score for h in job.search.results()] == pytest.approx([h.score for h in alone.search.results()])
+
+
+def test_sources_dropped_while_being_encoded_never_join() -> None:
+    """The encoder thread's output can arrive after a source was cancelled: its rows must not join."""
+    options = SearchOptions(beam_size=2, n_best=2, max_len=5)
+    sources = [[4, 5], [5, 6, 4], [6]]
+    rt = TableRuntime(seed=4)
+    jobs = [Job(BeamSearch(options, len(s), BOS, EOS, PAD), s) for s in sources]
+    encoded = encode_jobs(rt, jobs, PAD, copy=False)
+    jobs[1].dropped = True
+    batch = DecodeBatch(rt, pad_id=PAD)
+    batch.append(encoded)
+    assert batch.jobs == [jobs[0], jobs[2]] and batch.rows == 4
+    while batch.jobs:
+        batch.step()
+    for src, job in ((sources[0], jobs[0]), (sources[2], jobs[2])):
+        alone = Job(BeamSearch(options, len(src), BOS, EOS, PAD), src)
+        single = DecodeBatch(TableRuntime(seed=4), pad_id=PAD)
+        single.add([alone])
+        while single.jobs:
+            single.step()
+        assert [h.tokens for h in job.search.results()] == [h.tokens for h in alone.search.results()]
+    assert not jobs[1].search.finished  # never decoded
