@@ -182,6 +182,69 @@ def _encode_grouped(runtime: DecoderRuntime, src: IntArray, src_len: IntArray) -
     return memory, states
 
 
+class RowMemory:
+    """The encoder memory of every row, ``[N, S, M]``, kept in two reusable buffers.
+
+    Rows join and leave at almost every step under load. Concatenating and fancy-indexing a fresh
+    ``[N, S, M]`` array each time allocated tens of MB per step (page faults included) and took as
+    long as half a decoder step at N = 640 (BENCHMARKS.md). Here joining writes into spare capacity,
+    and leaving is one ``np.take`` into the other buffer; buffers grow by doubling and are reused.
+    """
+
+    def __init__(self) -> None:
+        self._buffers = [np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32)]
+        self.rows = 0
+        self.width = 0
+        self.dim = 0
+
+    def view(self) -> FloatArray:
+        """The current ``[N, S, M]`` memory (a contiguous view; valid until the next change)."""
+        return self._buffers[0][: self.rows * self.width * self.dim].reshape(self.rows, self.width, self.dim)
+
+    def _spare(self, which: int, size: int, keep: int = 0) -> FloatArray:
+        """Buffer ``which`` with room for ``size`` floats; its first ``keep`` floats survive a regrowth."""
+        buf = self._buffers[which]
+        if buf.size < size:
+            grown = np.empty(max(size, 2 * buf.size), dtype=np.float32)
+            grown[:keep] = buf[:keep]
+            self._buffers[which] = buf = grown
+        return buf
+
+    def append(self, new: FloatArray) -> None:
+        """Add rows ``new`` [R, S', M] after the current ones (padding whichever is narrower with zeros)."""
+        count, width, dim = new.shape
+        if self.rows == 0:
+            self.width, self.dim = width, dim
+        elif width > self.width:
+            self._relayout(width)
+        w = self.width
+        buf = self._spare(0, (self.rows + count) * w * dim, keep=self.rows * w * dim)
+        dst = buf[self.rows * w * dim : (self.rows + count) * w * dim].reshape(count, w, dim)
+        dst[:, :width] = new
+        if width < w:
+            dst[:, width:] = 0.0
+        self.rows += count
+
+    def _relayout(self, width: int) -> None:
+        size = self.rows * width * self.dim
+        out = self._spare(1, size)[:size].reshape(self.rows, width, self.dim)
+        out[:, : self.width] = self.view()
+        out[:, self.width :] = 0.0
+        self._buffers.reverse()
+        self.width = width
+
+    def gather(self, index: IntArray, width: int) -> None:
+        """Keep rows ``index`` (in that order), narrowed to ``width`` positions."""
+        size = len(index) * width * self.dim
+        out = self._spare(1, size)[:size].reshape(len(index), width, self.dim)
+        np.take(self.view()[:, :width], index, axis=0, out=out, mode="clip")  # "clip": no temporary copy
+        self._buffers.reverse()
+        self.rows, self.width = len(index), width
+
+    def clear(self) -> None:
+        self.rows = 0
+
+
 class DecodeBatch:
     def __init__(self, runtime: DecoderRuntime, pad_id: int = 0, copy: bool = False) -> None:
         self.runtime = runtime
@@ -190,7 +253,7 @@ class DecodeBatch:
         self.jobs: list[Job] = []
         self.states: list[FloatArray] = []
         self.feed: FloatArray | None = None
-        self.memory: FloatArray | None = None  # [N, S, M]
+        self._memory = RowMemory()  # [N, S, M]
         self.src_len: IntArray | None = None  # [N]
         self.src_ext: IntArray | None = None  # [N, S] (copy models)
         self.steps = 0
@@ -216,18 +279,12 @@ class DecodeBatch:
             return
         for j in enc.jobs:
             j.joined_at_step = self.steps
+        self._memory.append(enc.memory)
         if not self.jobs:
-            self.memory, self.states, self.src_len, self.src_ext, self.feed = (
-                enc.memory,
-                enc.states,
-                enc.src_len,
-                enc.src_ext,
-                enc.feed,
-            )
+            self.states, self.src_len, self.src_ext, self.feed = enc.states, enc.src_len, enc.src_ext, enc.feed
         else:
-            assert self.memory is not None and self.feed is not None and self.src_len is not None
-            width = max(self.memory.shape[1], enc.memory.shape[1])
-            self.memory = np.concatenate([_pad_axis1(self.memory, width), _pad_axis1(enc.memory, width)])
+            assert self.feed is not None and self.src_len is not None
+            width = self._memory.width
             self.states = [np.concatenate([a, b], axis=1) for a, b in zip(self.states, enc.states, strict=True)]
             self.src_len = np.concatenate([self.src_len, enc.src_len])
             self.feed = np.concatenate([self.feed, enc.feed])
@@ -251,18 +308,24 @@ class DecodeBatch:
         self.jobs = [j for j in self.jobs if id(j) not in gone]
         self._gather(np.array(keep_rows, dtype=np.int64), reorder_memory=True)
 
+    @property
+    def memory(self) -> FloatArray:
+        """Encoder memory of every row, [N, S, M]."""
+        return self._memory.view()
+
     def _gather(self, index: IntArray, reorder_memory: bool) -> None:
         if not self.jobs:
-            self.memory = self.feed = self.src_len = self.src_ext = None
+            self.feed = self.src_len = self.src_ext = None
             self.states = []
+            self._memory.clear()
             return
-        assert self.feed is not None and self.memory is not None and self.src_len is not None
+        assert self.feed is not None and self.src_len is not None
         self.states = [s[:, index] for s in self.states]  # the batch axis of [L, N, H] is 1
         self.feed = self.feed[index]
         if reorder_memory:
             self.src_len = self.src_len[index]
             width = int(self.src_len.max())
-            self.memory = self.memory[index, :width]
+            self._memory.gather(index, width)
             if self.src_ext is not None:
                 self.src_ext = self.src_ext[index, :width]
 
@@ -271,7 +334,7 @@ class DecodeBatch:
         """One decoder step for every row; returns the jobs that finished (already removed)."""
         if not self.jobs:
             return []
-        assert self.feed is not None and self.memory is not None and self.src_len is not None
+        assert self.feed is not None and self.src_len is not None
         tokens = np.concatenate([j.search.tokens for j in self.jobs])  # [N]
         steps = np.repeat(np.array([j.search.t for j in self.jobs], dtype=np.int64), [j.k for j in self.jobs])
         out = self.runtime.step(tokens, self.states, self.feed, self.memory, self.src_len, steps, self.src_ext)
