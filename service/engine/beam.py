@@ -15,6 +15,7 @@ they are. Finished hypotheses are ranked by length-normalised score plus coverag
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +111,15 @@ def top_candidates(cand: FloatArray, count: int) -> IntArray:
     return part[order].astype(np.int64)
 
 
+def top_candidates_rows(cand: FloatArray, count: int) -> IntArray:
+    """:func:`top_candidates` for every row of ``cand`` [J, C] at once -> [J, count]."""
+    if cand.shape[1] <= FULL_SORT_LIMIT or count >= cand.shape[1]:
+        return np.argsort(-cand, axis=1, kind="stable")[:, :count].astype(np.int64)
+    part = np.argpartition(-cand, count - 1, axis=1)[:, :count]
+    order = np.lexsort((part, -np.take_along_axis(cand, part, axis=1)), axis=-1)
+    return np.take_along_axis(part, order, axis=1).astype(np.int64)
+
+
 class BeamSearch:
     """The search state of one source: K rows in the shared batch."""
 
@@ -135,6 +145,10 @@ class BeamSearch:
         self.t = 0
         self.done = False
         self._rng = np.random.default_rng(options.seed or None) if options.sampling else None
+        # plain searches (no sampling, n-gram blocking, attention or vocabulary limit) can advance together
+        self.plain = not (
+            options.sampling or options.no_repeat_ngram or options.needs_attention or vocab_limit is not None
+        )
 
     # ------------------------------------------------------------------ one step
     def advance(self, log_probs: FloatArray, attention: FloatArray | None = None) -> IntArray:
@@ -263,6 +277,68 @@ class BeamSearch:
     def results(self) -> list[Hypothesis]:
         """The n-best finished hypotheses, best first (ties keep finishing order)."""
         return sorted(self.finished, key=lambda h: -h.score)[: self.options.n_best]
+
+
+def advance_plain(searches: Sequence[BeamSearch], log_probs: FloatArray) -> list[IntArray]:
+    """``advance`` for J plain searches with the same K and end token, vectorised across them.
+
+    ``log_probs`` [J*K, V] holds the searches' rows in order. Exactly the semantics of
+    :meth:`BeamSearch.advance` (tested against it): only the bookkeeping loop is shared.
+    """
+    first = searches[0]
+    k, eos = first.k, first.eos
+    count = len(searches)
+    vocab = log_probs.shape[1]
+    lp = log_probs.reshape(count, k, vocab)
+    blocked = [i for i, s in enumerate(searches) if s.t < s.options.min_len]
+    if blocked:
+        lp = lp.copy()
+        lp[blocked, :, eos] = NEG_INF
+    scores = np.stack([s.scores for s in searches])  # [J, K]
+    cand = (scores[:, :, None] + lp).reshape(count, k * vocab)
+    top = top_candidates_rows(cand, min(2 * k, k * vocab))  # [J, 2K]
+    vals = np.take_along_axis(cand, top, axis=1)
+    rows, tokens = np.divmod(top, vocab)
+    finite = vals != NEG_INF
+    is_eos = tokens == eos
+    ended = is_eos & finite  # an end-of-sentence candidate ranked within the first K finishes a hypothesis
+    ended[:, k:] = False
+    live = ~is_eos & finite
+    live &= np.cumsum(live, axis=1) <= k  # the other candidates refill the K beams in rank order
+    order = np.argsort(~live, axis=1, kind="stable")[:, :k]  # the live ones first, in rank order
+    n_live = live.sum(axis=1).tolist()
+    sel_rows = np.take_along_axis(rows, order, axis=1)
+    sel_tokens = np.take_along_axis(tokens, order, axis=1)
+    sel_vals = np.take_along_axis(vals, order, axis=1)
+    rows_list, tokens_list = sel_rows.tolist(), sel_tokens.tolist()
+    any_ended = ended.any(axis=1).tolist()
+    selects: list[IntArray] = []
+    for i, search in enumerate(searches):
+        opts = search.options
+        if any_ended[i]:
+            for r in np.flatnonzero(ended[i]).tolist():
+                value = float(vals[i, r])
+                score = normalise(value, search.t + 1, opts.length_penalty, opts.alpha)
+                search.finished.append(Hypothesis(tuple(search.seqs[int(rows[i, r])]), score, value, None))
+        m = n_live[i]
+        search.t += 1
+        if len(search.finished) >= k or m == 0:
+            search.done = True
+            selects.append(np.zeros(k, dtype=np.int64))
+            continue
+        live_rows, live_tokens = rows_list[i][:m], tokens_list[i][:m]
+        pad = k - m
+        search.seqs = [search.seqs[r] + [tok] for r, tok in zip(live_rows, live_tokens, strict=True)] + [[]] * pad
+        if pad:
+            search.scores = np.concatenate([sel_vals[i, :m], np.full(pad, NEG_INF, dtype=np.float32)])
+            search.tokens = np.array(live_tokens + [search.pad] * pad, dtype=np.int64)
+            selects.append(np.array(live_rows + [0] * pad, dtype=np.int64))
+        else:
+            search.scores, search.tokens = sel_vals[i], sel_tokens[i]
+            selects.append(sel_rows[i])
+        if search.t >= opts.max_len:
+            search._finish_live()
+    return selects
 
 
 def _stack(rows: list[FloatArray], src_len: int) -> FloatArray:

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from service.engine.batch import DecodeBatch, Job, encode_jobs, encoder_groups
+from service.engine.batch import DecodeBatch, Job, decode_all, encode_jobs, encoder_groups
 from service.engine.beam import BeamSearch, SearchOptions
 from tests.fakes import BOS, EOS, PAD, TableRuntime
 
@@ -99,3 +99,49 @@ def test_sources_dropped_while_being_encoded_never_join() -> None:
             single.step()
         assert [h.tokens for h in job.search.results()] == [h.tokens for h in alone.search.results()]
     assert not jobs[1].search.finished  # never decoded
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_vectorised_advance_equals_one_by_one(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many plain searches of mixed beam sizes and lengths, with ties and -inf entries in the table."""
+    from service.engine import batch as batch_module
+
+    rng = np.random.default_rng(seed)
+    sources = [rng.integers(4, 9, size=int(rng.integers(1, 6))).tolist() for _ in range(24)]
+    beams = [1, 2, 4, 4, 4]
+
+    def decode(threshold: int) -> list[Job]:
+        monkeypatch.setattr(batch_module, "VECTORISE_FROM", threshold)
+        jobs = [
+            Job(
+                BeamSearch(
+                    SearchOptions(beam_size=beams[i % 5], n_best=beams[i % 5], max_len=7, min_len=i % 3),
+                    len(s),
+                    BOS,
+                    EOS,
+                    PAD,
+                ),
+                s,
+                tag=i,
+            )
+            for i, s in enumerate(sources)
+        ]
+        return sorted(decode_all(TiedRuntime(seed), jobs, max_rows=40), key=lambda j: j.tag)
+
+    for a, b in zip(decode(10**9), decode(1), strict=True):
+        assert [(h.tokens, h.score, h.log_prob) for h in a.search.results()] == [
+            (h.tokens, h.score, h.log_prob) for h in b.search.results()
+        ]
+        assert a.search.t == b.search.t
+
+
+class TiedRuntime(TableRuntime):
+    """Log-probabilities rounded to 0.5 (many exact ties), one real token never possible (-inf)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(vocab=9, seed=seed, eos_bias=1.0)
+
+    def dist(self, code: int) -> np.ndarray:
+        out = np.round(super().dist(code) * 2.0) / 2.0
+        out[8] = -np.inf
+        return out.astype(np.float32)

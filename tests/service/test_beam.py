@@ -5,9 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service.engine import batch as batch_module
 from service.engine.batch import Job, decode_all
 from service.engine.beam import BeamSearch, OptionsError, SearchOptions, normalise, resolve_lengths
 from tests.fakes import BOS, EOS, PAD, TableRuntime
+
+
+@pytest.fixture(autouse=True, params=["one-by-one", "vectorised"])
+def advance_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: searches advanced one by one, and plain ones together (``advance_plain``)."""
+    monkeypatch.setattr(batch_module, "VECTORISE_FROM", 1 if request.param == "vectorised" else 10**9)
+    return str(request.param)
 
 
 def run(rt: TableRuntime, sources: list[list[int]], max_rows: int = 4096, **opts) -> list[Job]:
