@@ -201,6 +201,10 @@ def bare_onnxruntime_cost(bundle_dir: Path, words: list[str], beam: int, threads
     return costs
 
 
+def _median_run(runs: list[dict[str, float]], key: str) -> dict[str, float]:
+    return sorted(runs, key=lambda r: r[key])[len(runs) // 2]
+
+
 def batched_cost_per_word(bundle_dir: Path, words: list[str], beam: int, threads: int) -> float:
     """Seconds per word when the engine's own search decodes them offline, 64 words per batch, best of 2.
 
@@ -247,6 +251,7 @@ def main() -> int:
     p.add_argument("--pin", action="store_true", help="server on CPU 0, load generator on CPU 1 (2-core machines)")
     p.add_argument("--single-words", type=int, default=150, help="words for the one-client-at-a-time run")
     p.add_argument("--concurrent-words", type=int, default=2000, help="words for the 64-client run")
+    p.add_argument("--throughput-repeats", type=int, default=3, help="alternating 1-client / 64-client runs")
     p.add_argument("--open-loop-seconds", type=float, default=20.0)
     p.add_argument("--open-loop-repeats", type=int, default=5, help="alternating runs per batching mode")
     p.add_argument("--idle-words", type=int, default=60)
@@ -288,16 +293,30 @@ def main() -> int:
     server = ServerProcess(args.model_repository, "step", args.threads, step_extra, args.workers, server_cpus)
     try:
         server.wait_ready(args.model)
-        one = asyncio.run(closed_loop(server.target, args.model, words[: args.single_words], 1, args.beam))
-        many = asyncio.run(closed_loop(server.target, args.model, words[: args.concurrent_words], 64, args.beam))
+        ones, manys = [], []
+        for _ in range(args.throughput_repeats):  # alternate: the machine's speed drifts between runs
+            ones.append(asyncio.run(closed_loop(server.target, args.model, words[: args.single_words], 1, args.beam)))
+            manys.append(
+                asyncio.run(closed_loop(server.target, args.model, words[: args.concurrent_words], 64, args.beam))
+            )
+            print(
+                f"throughput: 1 client {ones[-1]['words_per_s']:.1f} words/s, 64 clients "
+                f"{manys[-1]['words_per_s']:.1f} words/s",
+                flush=True,
+            )
+        one, many = _median_run(ones, "words_per_s"), _median_run(manys, "words_per_s")
+        ratios = [m["words_per_s"] / o["words_per_s"] for o, m in zip(ones, manys, strict=True)]
         results["throughput"] = {
             "one_client": one,
             "64_clients": many,
-            "ratio": many["words_per_s"] / one["words_per_s"],
+            "runs": {"one_client": ones, "64_clients": manys},
+            "ratio_per_repeat": ratios,
+            "ratio": statistics.median(ratios),
         }
         print(
-            f"throughput: 1 client {one['words_per_s']:.1f} words/s, 64 clients {many['words_per_s']:.1f} "
-            f"words/s, ratio {results['throughput']['ratio']:.2f}x",
+            f"throughput: median 1 client {one['words_per_s']:.1f} words/s, 64 clients {many['words_per_s']:.1f} "
+            f"words/s; ratio per repeat {', '.join(f'{r:.2f}' for r in ratios)}, median "
+            f"{results['throughput']['ratio']:.2f}x",
             flush=True,
         )
         idle_words = words[: args.idle_words]
