@@ -254,6 +254,11 @@ def main() -> int:
     p.add_argument("--throughput-repeats", type=int, default=3, help="alternating 1-client / 64-client runs")
     p.add_argument("--open-loop-seconds", type=float, default=20.0)
     p.add_argument("--open-loop-repeats", type=int, default=5, help="alternating runs per batching mode")
+    p.add_argument(
+        "--open-loop-other-encoder-mode",
+        action="store_true",
+        help="also run step batching with the encoder thread switched the other way, alternating with the rest",
+    )
     p.add_argument("--idle-words", type=int, default=60)
     p.add_argument("--request-max-batch", type=int, default=64)
     p.add_argument("--step-join-wait-ms", type=float, default=0.0, help="seqserve serve --join-wait-ms for step mode")
@@ -376,18 +381,23 @@ def main() -> int:
         flush=True,
     )
     # alternate the modes and repeat: single runs of p99 on this shared 2-core machine swing by 1.5x
-    runs: dict[str, list[dict[str, float]]] = {"step": [], "request": []}
+    modes: list[tuple[str, str, list[str]]] = [("step", "step", step_extra), ("request", "request", request_extra)]
+    if args.open_loop_other_encoder_mode:  # step batching with the encoder thread switched the other way
+        other = [*step_extra[:-1], "--no-encoder-thread" if args.step_encoder_thread else "--encoder-thread"]
+        name = "step_no_encoder_thread" if args.step_encoder_thread else "step_encoder_thread"
+        modes.insert(1, (name, "step", other))
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in modes}
     for repeat in range(args.open_loop_repeats):
-        for batching, extra in (("step", step_extra), ("request", request_extra)):
+        for name, batching, extra in modes:
             server = ServerProcess(args.model_repository, batching, args.threads, extra, args.workers, server_cpus)
             try:
                 server.wait_ready(args.model)
                 r = asyncio.run(open_loop(server.target, args.model, mixed, rate, args.beam, args.seed + repeat))
             finally:
                 server.stop()
-            runs[batching].append(r)
+            runs[name].append(r)
             print(
-                f"open loop {batching} #{repeat + 1}: {r['completed_per_s']:.1f}/s completed, "
+                f"open loop {name} #{repeat + 1}: {r['completed_per_s']:.1f}/s completed, "
                 f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms",
                 flush=True,
             )

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from service.engine.batch import DecodeBatch, Job, decode_all, encode_jobs, encoder_groups
+from service.engine.batch import DecodeBatch, Job, RowMemory, decode_all, encode_jobs, encoder_groups
 from service.engine.beam import BeamSearch, SearchOptions
 from tests.fakes import BOS, EOS, PAD, TableRuntime
 
@@ -145,3 +145,28 @@ class TiedRuntime(TableRuntime):
         out = np.round(super().dist(code) * 2.0) / 2.0
         out[8] = -np.inf
         return out.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_row_memory_matches_concatenate_and_index(seed: int) -> None:
+    """The reusable buffers hold exactly what concatenating, padding and fancy-indexing fresh arrays gives."""
+    rng = np.random.default_rng(seed)
+    memory = RowMemory()
+    expected = np.zeros((0, 0, 3), dtype=np.float32)
+    for _ in range(40):
+        if expected.shape[0] and rng.random() < 0.5:  # rows leave / reorder, memory narrows to the longest left
+            index = rng.choice(expected.shape[0], size=int(rng.integers(1, expected.shape[0] + 1)), replace=False)
+            width = int(rng.integers(1, expected.shape[1] + 1))
+            memory.gather(index.astype(np.int64), width)
+            expected = expected[index, :width]
+        else:  # rows join, possibly wider or narrower than the batch
+            new = rng.normal(size=(int(rng.integers(1, 9)), int(rng.integers(1, 12)), 3)).astype(np.float32)
+            memory.append(new)
+            width = max(expected.shape[1], new.shape[1])
+            pad = [(0, 0), (0, 0), (0, 0)]
+            old = np.pad(expected, [(0, 0), (0, width - expected.shape[1]), (0, 0)]) if expected.size else None
+            pad[1] = (0, width - new.shape[1])
+            expected = np.concatenate([old, np.pad(new, pad)]) if old is not None else np.pad(new, pad)
+        view = memory.view()
+        assert view.shape == expected.shape and view.flags.c_contiguous
+        np.testing.assert_array_equal(view, expected)
