@@ -82,33 +82,40 @@ ENCODER_CALL_SLOTS = 20
 # shipped G2P bundle (Python only, onnxruntime outputs cached), µs per step, vectorised vs one by one: 1 search
 # 214 vs 107, 4: 287 vs 211, 6: 393 vs 371, 8: 430 vs 547, 16: 539 vs 782, 64: 2,103 vs 3,512.
 VECTORISE_FROM = 8
-MAX_GROUPED = 256  # above this many sources, keep one call (the grouping DP is quadratic)
+MAX_GROUPED = 65_536  # above this many sources, keep one call (the DP is quadratic in distinct lengths)
 
 
 def encoder_groups(lengths: Sequence[int], call_slots: int = ENCODER_CALL_SLOTS) -> list[list[int]]:
     """Split sources into encoder calls: sorted by length, cut where padding would cost more than a call.
 
     Minimises ``sum(call_slots + size * longest)`` over contiguous groups of the length-sorted sources
-    (exact dynamic programme). Returns indices into ``lengths``; one group when nothing is saved.
+    (exact dynamic programme over the distinct lengths: cutting between equal lengths never pays).
+    Returns indices into ``lengths``; one group when nothing is saved.
     """
     n = len(lengths)
     if n <= 1 or n > MAX_GROUPED:
         return [list(range(n))]
     order = sorted(range(n), key=lambda i: lengths[i])
-    sl = [lengths[i] for i in order]
-    best = [0.0] + [math.inf] * n  # best[i]: cost of the first i sorted sources
-    cut = [0] * (n + 1)
-    for i in range(1, n + 1):
-        longest = sl[i - 1]
-        for j in range(i):
-            cost = best[j] + call_slots + (i - j) * longest
-            if cost < best[i]:
-                best[i], cut[i] = cost, j
+    ends: list[int] = []  # end (exclusive, in sorted order) of each run of equal lengths
+    for pos in range(1, n + 1):
+        if pos == n or lengths[order[pos]] != lengths[order[pos - 1]]:
+            ends.append(pos)
+    if len(ends) == 1:
+        return [order]
+    starts = [0, *ends[:-1]]
+    best = [0.0] + [math.inf] * len(ends)  # best[r]: cost of the sources in the first r runs
+    cut = [0] * (len(ends) + 1)
+    for r in range(1, len(ends) + 1):
+        longest = lengths[order[ends[r - 1] - 1]]
+        for q in range(r):
+            cost = best[q] + call_slots + (ends[r - 1] - starts[q]) * longest
+            if cost < best[r]:
+                best[r], cut[r] = cost, q
     groups: list[list[int]] = []
-    i = n
-    while i > 0:
-        groups.append(order[cut[i] : i])
-        i = cut[i]
+    r = len(ends)
+    while r > 0:
+        groups.append(order[starts[cut[r]] : ends[r - 1]])
+        r = cut[r]
     groups.reverse()
     return groups
 
