@@ -32,6 +32,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from prometheus_client import Histogram
+
 from service.engine.batch import DecodeBatch, Encoded, Job, encode_jobs
 from service.engine.scheduler import EngineSettings, Waiting, choose_admissions, expired
 from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
@@ -308,12 +310,12 @@ class Engine:
                         gone = set(map(id, jobs))
                         batch.remove([j for j in batch.jobs if id(j) in gone])
                 joining = [j for j in joining if not j.dropped]
-                for enc in encoded:
-                    batch.append(enc)
-                if joining:
-                    t0 = time.perf_counter()
-                    batch.add(joining)
-                    encoder_seconds.observe(time.perf_counter() - t0)
+                if joining:  # a failed encoder call fails only these sources (in _encode), not the batch
+                    own = self._encode(joining, encoder_seconds)
+                    if own is not None:
+                        encoded.append(own)
+                while encoded:
+                    batch.append(encoded.pop(0))
                 if not batch.jobs:
                     if held:  # request batching: the rest of the batch was dropped; answer what finished
                         loop.call_soon_threadsafe(self._finished, held, False)
@@ -326,7 +328,7 @@ class Engine:
                 batch_rows.observe(rows)
             except Exception:
                 log.exception("model %s version %d: decode step failed", self.bundle.name, self.bundle.version)
-                failed = list(batch.jobs) + joining + held + [j for enc in encoded for j in enc.jobs]
+                failed = list(batch.jobs) + held + [j for enc in encoded for j in enc.jobs]
                 held = []
                 batch = self._new_batch()
                 loop.call_soon_threadsafe(self._finished, failed, True)
@@ -342,8 +344,6 @@ class Engine:
 
     def _encoder_worker(self) -> None:
         """Step mode with ``encoder_thread``: encode sources that join a running batch, hand them to the worker."""
-        assert self._loop is not None
-        loop = self._loop
         encoder_seconds = self.metrics.encoder_seconds.labels(self.label)
         while True:
             if not self._enc_inbox:
@@ -359,18 +359,25 @@ class Engine:
                     jobs.extend(item)
             jobs = [j for j in jobs if not j.dropped]
             if jobs:
-                t0 = time.perf_counter()
-                try:
-                    enc = encode_jobs(self.runtime, jobs, self.bundle.pad, self.bundle.copy)
-                except Exception:
-                    log.exception("model %s version %d: encoder failed", self.bundle.name, self.bundle.version)
-                    loop.call_soon_threadsafe(self._finished, jobs, True)
-                else:
-                    encoder_seconds.observe(time.perf_counter() - t0)
+                enc = self._encode(jobs, encoder_seconds)
+                if enc is not None:
                     self.encoded_aside += len(jobs)
                     self._post("join", jobs, enc)
             if stop:
                 return
+
+    def _encode(self, jobs: list[Job], seconds: Histogram) -> Encoded | None:
+        """Encode on the calling thread; if the encoder raises, fail these sources (only) and return None."""
+        t0 = time.perf_counter()
+        try:
+            enc = encode_jobs(self.runtime, jobs, self.bundle.pad, self.bundle.copy)
+        except Exception:
+            log.exception("model %s version %d: encoder failed", self.bundle.name, self.bundle.version)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._finished, jobs, True)
+            return None
+        seconds.observe(time.perf_counter() - t0)
+        return enc
 
 
 class EnginePool:
