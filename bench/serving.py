@@ -246,6 +246,12 @@ def main() -> int:
     p.add_argument("--model-repository", type=Path, default=ROOT / "models")
     p.add_argument("--model", default="g2p-en")
     p.add_argument("--beam", type=int, default=5)
+    p.add_argument(
+        "--sources",
+        choices=("cmudict", "reverse"),
+        default="cmudict",
+        help="CMUdict test words (the G2P model), or random strings for bench.reverse_model's model",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="engines per model version (seqserve serve --workers)")
     p.add_argument("--pin", action="store_true", help="server on CPU 0, load generator on CPU 1 (2-core machines)")
@@ -273,7 +279,12 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
 
-    words = test_words(20_000, args.seed)
+    if args.sources == "reverse":  # strings of 2-60 characters for bench.reverse_model's model
+        from bench.reverse_model import random_sources
+
+        words = random_sources(20_000, 10_000 + args.seed)
+    else:
+        words = test_words(20_000, args.seed)
     server_cpus = ""
     if args.pin:
         os.sched_setaffinity(0, {1})
@@ -289,6 +300,7 @@ def main() -> int:
         "pinned": args.pin,
         "step_join_wait_ms": args.step_join_wait_ms,
         "step_encoder_thread": args.step_encoder_thread,
+        "sources": args.sources,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
