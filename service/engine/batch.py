@@ -9,7 +9,7 @@ rows of searches that left. Pure numpy plus a runtime object with ``encode`` / `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -140,13 +140,9 @@ class Encoded:
     feed: FloatArray  # [R, H]
 
     def without_dropped(self) -> Encoded:
-        keep_jobs = [j for j in self.jobs if not j.dropped]
-        rows = np.concatenate(
-            [np.arange(o, o + j.k) for j, o in zip(self.jobs, _offsets(self.jobs), strict=True) if not j.dropped]
-            or [np.zeros(0, dtype=np.int64)]
-        )
+        rows = kept_rows(self.jobs, lambda j: not j.dropped)
         return Encoded(
-            keep_jobs,
+            [j for j in self.jobs if not j.dropped],
             self.memory[rows],
             [s[:, rows] for s in self.states],
             self.src_len[rows],
@@ -155,12 +151,15 @@ class Encoded:
         )
 
 
-def _offsets(jobs: Sequence[Job]) -> list[int]:
-    out, offset = [], 0
+def kept_rows(jobs: Sequence[Job], keep: Callable[[Job], bool]) -> IntArray:
+    """The row indices (K per job, jobs in order) of the jobs that ``keep`` accepts."""
+    rows: list[int] = []
+    offset = 0
     for j in jobs:
-        out.append(offset)
+        if keep(j):
+            rows.extend(range(offset, offset + j.k))
         offset += j.k
-    return out
+    return np.array(rows, dtype=np.int64)
 
 
 def encode_jobs(runtime: DecoderRuntime, jobs: Sequence[Job], pad_id: int, copy: bool) -> Encoded:
@@ -309,15 +308,12 @@ class DecodeBatch:
     # ------------------------------------------------------------------ leave
     def remove(self, jobs: Sequence[Job]) -> None:
         """Drop the rows of ``jobs`` (cancelled or expired) before the next step."""
+        if not jobs:  # (e.g. the dropped source had not joined yet): nothing to gather
+            return
         gone = set(map(id, jobs))
-        keep_rows: list[int] = []
-        offset = 0
-        for j in self.jobs:
-            if id(j) not in gone:
-                keep_rows.extend(range(offset, offset + j.k))
-            offset += j.k
+        index = kept_rows(self.jobs, lambda j: id(j) not in gone)
         self.jobs = [j for j in self.jobs if id(j) not in gone]
-        self._gather(np.array(keep_rows, dtype=np.int64), reorder_memory=True)
+        self._gather(index, reorder_memory=True)
 
     @property
     def memory(self) -> FloatArray:

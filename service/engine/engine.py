@@ -239,7 +239,7 @@ class Engine:
             del self._active[id(p.job)]
             self._active_rows -= p.job.k
             self._reject(p, now)
-        self._post("drop", [p.job for p in drops])
+        self._post("drop", [])  # wakes the worker; it removes the flagged sources' rows
 
     def _reject(self, p: Pending, now: float) -> None:
         if p.cancelled or p.future.done():
@@ -306,9 +306,8 @@ class Engine:
                     elif op == "join":  # encoded by the encoder thread
                         assert enc is not None
                         encoded.append(enc)
-                    else:  # drop (the jobs are flagged ``dropped``: joining ones are skipped)
-                        gone = set(map(id, jobs))
-                        batch.remove([j for j in batch.jobs if id(j) in gone])
+                    else:  # drop: the rows of sources flagged ``dropped`` leave; joining ones are skipped below
+                        batch.remove([j for j in batch.jobs if j.dropped])
                 joining = [j for j in joining if not j.dropped]
                 if joining:  # a failed encoder call fails only these sources (in _encode), not the batch
                     own = self._encode(joining, encoder_seconds)
