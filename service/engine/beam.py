@@ -104,11 +104,8 @@ def coverage_penalty(coverage: FloatArray, beta: float) -> float:
 
 def top_candidates(cand: FloatArray, count: int) -> IntArray:
     """Indices of the ``count`` largest values, descending; ties by lower index (a stable sort)."""
-    if cand.size <= FULL_SORT_LIMIT or count >= cand.size:
-        return np.argsort(-cand, kind="stable")[:count].astype(np.int64)
-    part = np.argpartition(-cand, count - 1)[:count]
-    order = np.lexsort((part, -cand[part]))
-    return part[order].astype(np.int64)
+    top: IntArray = top_candidates_rows(cand.reshape(1, -1), count)[0]
+    return top
 
 
 def top_candidates_rows(cand: FloatArray, count: int) -> IntArray:
