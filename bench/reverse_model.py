@@ -12,24 +12,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
+
+from training.data import Example, reverse_task
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 MIN_LEN, MAX_LEN = 2, 60
 
 
+def examples(count: int, seed: int) -> list[Example]:
+    """training's reversal task with lengths uniform in [MIN_LEN, MAX_LEN] over the whole alphabet (seeded)."""
+    return reverse_task(count, seed, ALPHABET, MIN_LEN, MAX_LEN)
+
+
 def random_sources(count: int, seed: int) -> list[str]:
-    """Seeded random strings with lengths uniform in [MIN_LEN, MAX_LEN]."""
-    rng = random.Random(seed)
-    return ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(MIN_LEN, MAX_LEN))) for _ in range(count)]
+    """The sources of :func:`examples`."""
+    return [e.src for e in examples(count, seed)]
 
 
-def write_tsv(path: Path, sources: list[str]) -> None:
+def write_tsv(path: Path, rows: list[Example]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{s}\t{' '.join(reversed(s))}\n" for s in sources))
+    path.write_text("".join(f"{e.src}\t{e.refs[0]}\n" for e in rows))
 
 
 def main() -> int:
@@ -45,8 +50,8 @@ def main() -> int:
     from training.train import train
 
     data = args.out / "data"
-    write_tsv(data / "train.tsv", random_sources(args.train_size, args.seed))
-    write_tsv(data / "dev.tsv", random_sources(500, args.seed + 1))
+    write_tsv(data / "train.tsv", examples(args.train_size, args.seed))
+    write_tsv(data / "dev.tsv", examples(500, args.seed + 1))
     overrides = [
         "data.dataset=tsv",
         f"data.train={data / 'train.tsv'}",
