@@ -33,6 +33,8 @@ import numpy as np
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
+from service.runtime.bundle import Bundle
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -169,13 +171,11 @@ async def open_loop(target: str, model: str, words: list[str], rate: float, beam
     }
 
 
-def bare_onnxruntime_cost(bundle_dir: Path, words: list[str], beam: int, threads: int) -> list[float]:
+def bare_onnxruntime_cost(bundle: Bundle, words: list[str], beam: int) -> list[float]:
     """Per word: seconds of the encoder call plus the decoder-step calls its beam search makes, nothing else."""
     from service.engine.batch import decode_all
     from service.engine.beam import SearchOptions
-    from service.runtime.bundle import Bundle
 
-    bundle = Bundle(bundle_dir, threads=threads)
     rt = bundle.runtime
     opts = SearchOptions(beam_size=beam, n_best=1, max_len=bundle.manifest.default_max_length)
     costs = []
@@ -205,7 +205,7 @@ def _median_run(runs: list[dict[str, float]], key: str) -> dict[str, float]:
     return sorted(runs, key=lambda r: r[key])[len(runs) // 2]
 
 
-def batched_cost_per_word(bundle_dir: Path, words: list[str], beam: int, threads: int) -> float:
+def batched_cost_per_word(bundle: Bundle, words: list[str], beam: int) -> float:
     """Seconds per word when the engine's own search decodes them offline, 64 words per batch, best of 2.
 
     No gRPC, no threads, no waiting: what one worker can do at best, so 1-client latency divided by this
@@ -213,9 +213,7 @@ def batched_cost_per_word(bundle_dir: Path, words: list[str], beam: int, threads
     """
     from service.engine.batch import decode_all
     from service.engine.beam import SearchOptions
-    from service.runtime.bundle import Bundle
 
-    bundle = Bundle(bundle_dir, threads=threads)
     opts = SearchOptions(beam_size=beam, n_best=1, max_len=bundle.manifest.default_max_length)
     best = float("inf")
     for _ in range(2):
@@ -340,8 +338,9 @@ def main() -> int:
         served = asyncio.run(idle_latency(server.target, args.model, idle_words, args.beam))
     finally:
         server.stop()
-    bare = bare_onnxruntime_cost(bundle_dir, idle_words, args.beam, args.threads)
-    batched = batched_cost_per_word(bundle_dir, words[: args.concurrent_words], args.beam, args.threads)
+    bundle = Bundle(bundle_dir, threads=args.threads)  # the same session options as the server's
+    bare = bare_onnxruntime_cost(bundle, idle_words, args.beam)
+    batched = batched_cost_per_word(bundle, words[: args.concurrent_words], args.beam)
     results["throughput"]["batched_cost_ms_per_word"] = 1000 * batched
     results["throughput"]["ceiling_ratio"] = (one["seconds"] / one["words"]) / batched
     print(
