@@ -54,10 +54,7 @@ def test_grouped_encoding_keeps_each_source_with_its_own_state() -> None:
 
     def decode(srcs: list[list[int]], rt: TableRuntime) -> list[Job]:
         jobs = [Job(BeamSearch(options, len(s), BOS, EOS, PAD), s) for s in srcs]
-        batch = DecodeBatch(rt, pad_id=PAD)
-        batch.add(jobs)
-        while batch.jobs:
-            batch.step()
+        decode_all(rt, jobs, pad_id=PAD)  # all fit in max_rows: they join in one add, i.e. one grouped encode
         return jobs
 
     encoder_calls = 0
@@ -93,10 +90,7 @@ def test_sources_dropped_while_being_encoded_never_join() -> None:
         batch.step()
     for src, job in ((sources[0], jobs[0]), (sources[2], jobs[2])):
         alone = Job(BeamSearch(options, len(src), BOS, EOS, PAD), src)
-        single = DecodeBatch(TableRuntime(seed=4), pad_id=PAD)
-        single.add([alone])
-        while single.jobs:
-            single.step()
+        decode_all(TableRuntime(seed=4), [alone], pad_id=PAD)
         assert [h.tokens for h in job.search.results()] == [h.tokens for h in alone.search.results()]
     assert not jobs[1].search.finished  # never decoded
 
