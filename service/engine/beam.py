@@ -112,9 +112,17 @@ def top_candidates_rows(cand: FloatArray, count: int) -> IntArray:
     """:func:`top_candidates` for every row of ``cand`` [J, C] at once -> [J, count]."""
     if cand.shape[1] <= FULL_SORT_LIMIT or count >= cand.shape[1]:
         return np.argsort(-cand, axis=1, kind="stable")[:, :count].astype(np.int64)
+    # Partial sort. Values tied with the count-th largest at the cut may be split arbitrarily by argpartition:
+    # rows where that can happen are ranked again over every candidate at or above the cut, by value then
+    # index, so the result always equals the stable full sort (and the torch reference's choice).
     part = np.argpartition(-cand, count - 1, axis=1)[:, :count]
-    order = np.lexsort((part, -np.take_along_axis(cand, part, axis=1)), axis=-1)
-    return np.take_along_axis(part, order, axis=1).astype(np.int64)
+    values = np.take_along_axis(cand, part, axis=1)
+    top = np.take_along_axis(part, np.lexsort((part, -values), axis=-1), axis=1).astype(np.int64)
+    threshold = values.min(axis=1)
+    for row in np.flatnonzero(np.count_nonzero(cand >= threshold[:, None], axis=1) > count):
+        above = np.flatnonzero(cand[row] >= threshold[row])
+        top[row] = above[np.argsort(-cand[row, above], kind="stable")[:count]]
+    return top
 
 
 class BeamSearch:

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from service.engine import batch as batch_module
+from service.engine import beam as beam_module
 from service.engine.batch import Job, decode_all
-from service.engine.beam import BeamSearch, OptionsError, SearchOptions, normalise, resolve_lengths
+from service.engine.beam import (
+    BeamSearch,
+    OptionsError,
+    SearchOptions,
+    normalise,
+    resolve_lengths,
+    top_candidates_rows,
+)
 from tests.fakes import BOS, EOS, PAD, TableRuntime
 
 
@@ -176,3 +184,16 @@ def test_resolve_lengths() -> None:
     assert resolve_lengths(10, 0, 0.0, 0, 0.0, 50, 512) == (50, 0)
     assert resolve_lengths(10, 0, 1.5, 0, 0.5, 50, 512) == (15, 5)
     assert resolve_lengths(10, 100, 0.0, 0, 0.0, 50, 60) == (60, 0)
+
+
+@pytest.mark.parametrize("limit", [1 << 16, 16], ids=["full-sort", "partial-sort"])
+def test_top_candidates_rank_ties_by_lower_index(limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ranking paths equal a stable descending sort, ties at the cut included (batch invariance vs torch)."""
+    monkeypatch.setattr(beam_module, "FULL_SORT_LIMIT", limit)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        rows, width, count = int(rng.integers(1, 6)), int(rng.integers(17, 200)), int(rng.integers(1, 12))
+        # few distinct values: many ties, often exactly at the count-th place; some -inf (blocked tokens)
+        cand = rng.choice(np.array([-np.inf, -3.0, -2.0, -1.5, -1.0], dtype=np.float32), size=(rows, width))
+        expected = np.argsort(-cand, axis=1, kind="stable")[:, :count]
+        np.testing.assert_array_equal(top_candidates_rows(cand, count), expected)
