@@ -10,7 +10,18 @@ from pathlib import Path
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="a training checkpoint (best.pt)")
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        nargs="+",
+        help="a training checkpoint (best.pt); several make an ensemble in one bundle (same tokenizers)",
+    )
+    p.add_argument(
+        "--combine",
+        choices=("prob", "logprob"),
+        default="prob",
+        help="ensembles: average the members' probabilities (prob) or log-probabilities (logprob)",
+    )
     p.add_argument("--out", type=Path, required=True, help="bundle directory REPO/NAME/VERSION (VERSION: an integer)")
     p.add_argument("--quantize", choices=("int8",), help="write an int8 (dynamic quantization) bundle instead of fp32")
     p.add_argument("--optimize", action="store_true", help="apply onnxruntime's offline graph optimisation")
@@ -35,8 +46,9 @@ def run_export(args: argparse.Namespace) -> int:
             f"seqserve export: --out must end in a positive integer version directory, got {args.out}", file=sys.stderr
         )
         return 2
-    if not args.checkpoint.is_file():
-        print(f"seqserve export: no checkpoint at {args.checkpoint}", file=sys.stderr)
+    missing = [str(p) for p in args.checkpoint if not p.is_file()]
+    if missing:
+        print(f"seqserve export: no checkpoint at {', '.join(missing)}", file=sys.stderr)
         return 2
     opts = ExportOptions(
         name=args.out.parent.name,
@@ -47,6 +59,7 @@ def run_export(args: argparse.Namespace) -> int:
         beam=args.beam,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        combine=args.combine,
     )
     try:
         manifest = export_checkpoint(args.checkpoint, args.out, opts)

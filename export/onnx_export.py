@@ -14,7 +14,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from service.runtime.manifest import GraphSpec, Manifest, TensorSpec, sha256_file, write_manifest
 from service.text import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from training.config import Config
-from training.model import Seq2Seq
+from training.model import StepModel
 
 OPSET = 17
 ONNX_DTYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32"}
@@ -36,7 +35,7 @@ class ExportError(Exception):
 
 
 class EncoderGraph(nn.Module):
-    def __init__(self, model: Seq2Seq) -> None:
+    def __init__(self, model: StepModel) -> None:
         super().__init__()
         self.model = model
 
@@ -48,7 +47,7 @@ class EncoderGraph(nn.Module):
 class StepGraph(nn.Module):
     """Decoder step with a flat signature: tokens, feed, memory, src_len, step, [src_ext], states..."""
 
-    def __init__(self, model: Seq2Seq) -> None:
+    def __init__(self, model: StepModel) -> None:
         super().__init__()
         self.model = model
         self.n_states = len(model.state_names)
@@ -56,23 +55,23 @@ class StepGraph(nn.Module):
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         tokens, feed, memory, src_len, step = inputs[:5]
         rest = list(inputs[5:])
-        src_ext = rest.pop(0) if self.model.cfg.copy else None
+        src_ext = rest.pop(0) if self.model.uses_copy else None
         log_probs, states, feed_out, attention, position = self.model.step(
             tokens, rest, feed, memory, src_len, step, src_ext
         )
         outputs = [log_probs, *states, feed_out, attention]
-        if self.model.cfg.attention == "local-p":
+        if self.model.emits_position:
             outputs.append(position)
         return tuple(outputs)
 
 
-def step_io_names(model: Seq2Seq) -> tuple[list[str], list[str]]:
+def step_io_names(model: StepModel) -> tuple[list[str], list[str]]:
     inputs = ["tokens", "feed", "memory", "src_len", "step"]
-    if model.cfg.copy:
+    if model.uses_copy:
         inputs.append("src_ext")
     inputs += [f"state_{s}" for s in model.state_names]
     outputs = ["log_probs", *[f"state_{s}_out" for s in model.state_names], "feed_out", "attention"]
-    if model.cfg.attention == "local-p":
+    if model.emits_position:
         outputs.append("position")
     return inputs, outputs
 
@@ -94,25 +93,25 @@ def graph_spec(path: Path) -> GraphSpec:
     return GraphSpec(path.name, spec(graph.input), spec(graph.output))
 
 
-def example_inputs(model: Seq2Seq, src: Tensor, src_len: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+def example_inputs(model: StepModel, src: Tensor, src_len: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Encoder and step example inputs from a real batch (lengths must differ across rows)."""
     with torch.no_grad():
         memory, states = model.encode(src, src_len)
     n = src.size(0)
     step_args: list[Tensor] = [
         torch.full((n,), BOS_ID, dtype=torch.long),
-        torch.zeros(n, model.cfg.dec_hidden),
+        torch.zeros(n, model.feed_size),
         memory,
         src_len,
         torch.arange(n, dtype=torch.long),
     ]
-    if model.cfg.copy:
+    if model.uses_copy:
         step_args.append(src.clone())
     step_args.extend(states)
     return (src, src_len), tuple(step_args)
 
 
-def export_graphs(model: Seq2Seq, src: Tensor, src_len: Tensor, out_dir: Path) -> dict[str, GraphSpec]:
+def export_graphs(model: StepModel, src: Tensor, src_len: Tensor, out_dir: Path) -> dict[str, GraphSpec]:
     model.eval()
     enc_args, step_args = example_inputs(model, src, src_len)
     l_axis = {1: "N"}
@@ -169,7 +168,7 @@ def export_graphs(model: Seq2Seq, src: Tensor, src_len: Tensor, out_dir: Path) -
 
 
 def write_bundle(
-    model: Seq2Seq,
+    model: StepModel,
     cfg: Config,
     src_tok: Tokenizer,
     tgt_tok: Tokenizer,
@@ -192,7 +191,7 @@ def write_bundle(
 
 
 def make_manifest(
-    model: Seq2Seq,
+    model: StepModel,
     cfg: Config,
     src_tok: Tokenizer,
     tgt_tok: Tokenizer,
@@ -213,7 +212,7 @@ def make_manifest(
     manifest = Manifest(
         name=name,
         version=version,
-        architecture=asdict(cfg.model) | {"memory_size": cfg.model.memory_size},
+        architecture=model.architecture(),
         graphs=graphs,
         special_tokens={"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID},
         tokenizers={"src": src_tok.spec, "tgt": tgt_tok.spec},

@@ -20,11 +20,13 @@ from service.engine.batch import Job, decode_all
 from service.engine.beam import SearchOptions
 from service.runtime.bundle import Bundle
 from service.runtime.manifest import Manifest, read_manifest, write_manifest
+from service.text import Tokenizer
 from training.config import Config
 from training.data import Example, make_batch
 from training.decode import beam_search
+from training.ensemble import EnsembleError, load_ensemble
 from training.evaluate import score
-from training.model import Seq2Seq
+from training.model import StepModel
 from training.train import load_checkpoint, load_datasets, model_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -46,10 +48,11 @@ class ExportOptions:
     min_agreement: float = MIN_AGREEMENT
     overwrite: bool = False
     progress: bool = True
+    combine: str = "prob"  # ensembles: how the members' distributions combine (training.ensemble.COMBINE)
 
 
 def graph_parity(
-    model: Seq2Seq,
+    model: StepModel,
     bundle: Bundle,
     examples: Sequence[Example],
     cfg: Config,
@@ -65,7 +68,7 @@ def graph_parity(
 
     pairs = [(ex.src, ex.refs[0]) for ex in examples[: batch_size * max_batches]]
     for start in range(0, len(pairs), batch_size):
-        batch = make_batch(pairs[start : start + batch_size], src_tok, tgt_tok, cfg.model.copy)
+        batch = make_batch(pairs[start : start + batch_size], src_tok, tgt_tok, model.uses_copy)
         with torch.no_grad():
             memory, states = model.encode(batch.src, batch.src_len)
             o_memory, o_states = bundle.runtime.encode(batch.src.numpy(), batch.src_len.numpy())
@@ -73,7 +76,7 @@ def graph_parity(
             for name, a, b in zip(model.state_names, states, o_states, strict=True):
                 note(f"encoder.state_{name}", a, b)
             n = batch.src.size(0)
-            feed = torch.zeros(n, cfg.model.dec_hidden)
+            feed = torch.zeros(n, model.feed_size)
             o_states_t = [s.copy() for s in o_states]
             o_feed = feed.numpy().copy()
             mem_np = memory.numpy()
@@ -103,7 +106,7 @@ def graph_parity(
 
 
 def nbest_parity(
-    model: Seq2Seq,
+    model: StepModel,
     bundle: Bundle,
     examples: Sequence[Example],
     cfg: Config,
@@ -118,7 +121,7 @@ def nbest_parity(
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc="n-best parity", unit="batch", disable=not progress):
         chunk = examples[start : start + batch_size]
-        batch = make_batch([(ex.src, "") for ex in chunk], bundle.src_tok, bundle.tgt_tok, cfg.model.copy)
+        batch = make_batch([(ex.src, "") for ex in chunk], bundle.src_tok, bundle.tgt_tok, model.uses_copy)
         ref = beam_search(
             model, batch.src, batch.src_len, beam=beam, n_best=beam, max_len=cfg.data.max_tgt_len, src_ext=batch.src_ext
         )
@@ -184,22 +187,56 @@ def optimize_graphs(directory: Path) -> None:
         tmp.replace(path)
 
 
-def export_checkpoint(checkpoint: Path, target: Path, opts: ExportOptions) -> Manifest:
-    ckpt = load_checkpoint(checkpoint)
-    model, cfg, src_tok, tgt_tok = model_from_checkpoint(ckpt)
+@dataclass(frozen=True)
+class Loaded:
+    model: StepModel
+    cfg: Config  # the first checkpoint's (data settings, seed)
+    src_tok: Tokenizer
+    tgt_tok: Tokenizer
+    files: dict[str, bytes]  # tokenizer model files carried by the checkpoint
+    training_info: dict[str, Any]
+
+
+def load_models(checkpoints: Sequence[Path], combine: str = "prob") -> Loaded:
+    """One checkpoint -> its model; several -> their ensemble (members must tokenize identically)."""
+    try:
+        ckpts = [load_checkpoint(p) for p in checkpoints]
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
+
+    def info(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "checkpoint": path.name,
+            "step": ckpt["state"]["step"],
+            "epoch": ckpt["state"]["epoch"],
+            "best_dev_wer": ckpt["state"]["best_wer"],
+            "data": ckpt.get("data", {}),
+        }
+
+    files = ckpts[0].get("files", {})
+    if len(ckpts) == 1:
+        model, cfg, src_tok, tgt_tok = model_from_checkpoint(ckpts[0])
+        return Loaded(model, cfg, src_tok, tgt_tok, files, info(checkpoints[0], ckpts[0]))
+    try:
+        ensemble, cfg, src_tok, tgt_tok = load_ensemble(ckpts, [str(p) for p in checkpoints], combine)
+    except EnsembleError as exc:
+        raise ExportError(str(exc)) from exc
+    members = [info(p, c) for p, c in zip(checkpoints, ckpts, strict=True)]
+    return Loaded(ensemble, cfg, src_tok, tgt_tok, files, {"ensemble": members, "combine": combine})
+
+
+def export_checkpoint(checkpoints: Path | Sequence[Path], target: Path, opts: ExportOptions) -> Manifest:
+    """A checkpoint (or several: an ensemble) -> a verified bundle at ``target``."""
+    paths = [checkpoints] if isinstance(checkpoints, Path) else list(checkpoints)
+    loaded = load_models(paths, opts.combine)
+    model, cfg, src_tok, tgt_tok = loaded.model, loaded.cfg, loaded.src_tok, loaded.tgt_tok
+    training_info = loaded.training_info
     examples = load_datasets(cfg.data, cfg.train.seed).dev
     if opts.parity_limit:
         examples = examples[: opts.parity_limit]
     if not examples:
         raise ExportError("no parity examples: the checkpoint's dev data is empty")
-    sample = make_batch([(ex.src, ex.refs[0]) for ex in examples[:8]], src_tok, tgt_tok, cfg.model.copy)
-    training_info = {
-        "checkpoint": checkpoint.name,
-        "step": ckpt["state"]["step"],
-        "epoch": ckpt["state"]["epoch"],
-        "best_dev_wer": ckpt["state"]["best_wer"],
-        "data": ckpt.get("data", {}),
-    }
+    sample = make_batch([(ex.src, ex.refs[0]) for ex in examples[:8]], src_tok, tgt_tok, model.uses_copy)
     tmp, target = atomic_bundle_dir(target)
     try:
         fp32_dir = tmp if not opts.quantize else tmp / "fp32"
@@ -208,7 +245,7 @@ def export_checkpoint(checkpoint: Path, target: Path, opts: ExportOptions) -> Ma
             cfg,
             src_tok,
             tgt_tok,
-            ckpt.get("files", {}),
+            loaded.files,
             sample.src,
             sample.src_len,
             fp32_dir,
@@ -283,7 +320,7 @@ def _with(manifest: Manifest, directory: Path, **changes: Any) -> Manifest:
 
 
 def _quantized(
-    model: Seq2Seq,
+    model: StepModel,
     cfg: Config,
     src_tok: Any,
     tgt_tok: Any,

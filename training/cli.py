@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from training.data import Example
 
 
+class UsageError(Exception):
+    """A command-line mistake: reported in one line, exit status 2."""
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML config file (sections [model], [data], [train])")
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.jsonl)")
@@ -31,7 +35,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", type=Path, help="a training checkpoint (best.pt) or a bundle directory (REPO/NAME/VERSION)")
+    p.add_argument(
+        "model",
+        type=Path,
+        nargs="+",
+        help="a training checkpoint (best.pt), several (decoded as an ensemble), or a bundle directory",
+    )
+    p.add_argument("--combine", choices=("prob", "logprob"), default="prob", help="how an ensemble combines")
     p.add_argument("--split", choices=("dev", "test"), default="test")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128, help="sources per torch batch (checkpoints)")
@@ -63,15 +73,27 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.limit:
         examples = examples[: args.limit]
     start = time.monotonic()
-    if args.model.is_dir():
+    bundles = [p for p in args.model if p.is_dir()]
+    if bundles and len(args.model) > 1:
+        print("seqserve eval: give one bundle directory, or one or more checkpoints", file=sys.stderr)
+        return 2
+    missing = [str(p) for p in args.model if not p.exists()]
+    if missing:
+        print(f"seqserve eval: not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    if bundles:
         from export.pipeline import evaluate_bundle
         from service.runtime.bundle import Bundle
 
-        scores, _ = evaluate_bundle(Bundle(args.model), examples, args.beam, args.max_len, progress=True)
+        scores, _ = evaluate_bundle(Bundle(bundles[0]), examples, args.beam, args.max_len, progress=True)
     else:
-        scores = _eval_checkpoint(args, examples)
+        try:
+            scores = _eval_checkpoints(args, examples)
+        except UsageError as exc:
+            print(f"seqserve eval: {exc}", file=sys.stderr)
+            return 2
     result = {
-        "model": str(args.model),
+        "model": " + ".join(str(p) for p in args.model),
         "split": args.split,
         "words": len(examples),
         "beam": args.beam,
@@ -89,13 +111,23 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_checkpoint(args: argparse.Namespace, examples: list[Example]) -> dict[str, float]:
+def _eval_checkpoints(args: argparse.Namespace, examples: list[Example]) -> dict[str, float]:
     import torch
 
+    from training.ensemble import load_ensemble
     from training.evaluate import score
+    from training.model import StepModel
     from training.train import decode_examples, load_checkpoint, model_from_checkpoint
 
-    model, _, src_tok, tgt_tok = model_from_checkpoint(load_checkpoint(args.model))
+    model: StepModel
+    try:
+        ckpts = [load_checkpoint(p) for p in args.model]
+        if len(ckpts) == 1:
+            model, _, src_tok, tgt_tok = model_from_checkpoint(ckpts[0])
+        else:
+            model, _, src_tok, tgt_tok = load_ensemble(ckpts, [str(p) for p in args.model], args.combine)
+    except ValueError as exc:  # not a seqserve checkpoint; models that cannot form an ensemble
+        raise UsageError(str(exc)) from exc
     hyps = decode_examples(
         model,
         examples,

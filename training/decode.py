@@ -17,7 +17,7 @@ from torch import Tensor
 
 from service.engine.beam import normalise
 from service.text import BOS_ID, EOS_ID, PAD_ID
-from training.model import Seq2Seq
+from training.model import StepModel
 
 NEG_INF = float("-inf")
 
@@ -31,7 +31,7 @@ class Hypothesis:
 
 @torch.no_grad()
 def beam_search(
-    model: Seq2Seq,
+    model: StepModel,
     src: Tensor,
     src_len: Tensor,
     beam: int = 5,
@@ -50,7 +50,7 @@ def beam_search(
     memory, lens = memory[rows], src_len[rows]
     ext = None if src_ext is None else src_ext[rows]
     states = [s[:, rows] for s in states]  # each [L, N, H]: the batch axis is 1
-    feed = memory.new_zeros(bsz * k, model.cfg.dec_hidden)
+    feed = memory.new_zeros(bsz * k, model.feed_size)
     scores = [[0.0] + [NEG_INF] * (k - 1) for _ in range(bsz)]
     seqs: list[list[list[int]]] = [[[] for _ in range(k)] for _ in range(bsz)]
     tokens = torch.full((bsz * k,), BOS_ID, dtype=torch.long, device=src.device)
@@ -109,7 +109,7 @@ def beam_search(
 
 
 def greedy(
-    model: Seq2Seq, src: Tensor, src_len: Tensor, max_len: int = 50, src_ext: Tensor | None = None
+    model: StepModel, src: Tensor, src_len: Tensor, max_len: int = 50, src_ext: Tensor | None = None
 ) -> list[Hypothesis]:
     """Beam search with K = 1 is greedy search."""
     return [h[0] for h in beam_search(model, src, src_len, beam=1, n_best=1, max_len=max_len, src_ext=src_ext)]

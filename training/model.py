@@ -10,7 +10,8 @@ export all run the same arithmetic.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,33 @@ RNN_CLASSES: dict[str, Any] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}  #
 def state_names(cell: str) -> tuple[str, ...]:
     """Names of the recurrent state tensors, each [L, B, H]."""
     return ("h", "c") if cell == "lstm" else ("h",)
+
+
+class StepModel(Protocol):
+    """What torch decoding and export need from a model: :class:`Seq2Seq` or an ensemble of them."""
+
+    @property
+    def state_names(self) -> tuple[str, ...]: ...
+    @property
+    def feed_size(self) -> int: ...  # width of the input-feeding vector h~ (the decoder step's ``feed``)
+    @property
+    def uses_copy(self) -> bool: ...  # log-probs over the extended vocabulary; the step takes ``src_ext``
+    @property
+    def emits_position(self) -> bool: ...  # local-p: the step graph also returns p_t
+
+    def architecture(self) -> dict[str, Any]: ...  # the manifest's description of the model
+    def eval(self) -> Any: ...
+    def encode(self, src: Tensor, src_len: Tensor) -> tuple[Tensor, list[Tensor]]: ...
+    def step(
+        self,
+        tokens: Tensor,
+        states: list[Tensor],
+        feed: Tensor,
+        memory: Tensor,
+        src_len: Tensor,
+        step: Tensor,
+        src_ext: Tensor | None = None,
+    ) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor]: ...
 
 
 class Attention(nn.Module):
@@ -95,7 +123,7 @@ class Seq2Seq(nn.Module):
         self.tgt_vocab = tgt_vocab
         self.pad_id = pad_id
         self.unk_id = unk_id
-        self.state_names = state_names(cfg.cell)
+        self._state_names = state_names(cfg.cell)
         rnn = RNN_CLASSES[cfg.cell]
         self.src_emb = nn.Embedding(src_vocab, cfg.emb_size, padding_idx=pad_id)
         self.tgt_emb = nn.Embedding(tgt_vocab, cfg.emb_size, padding_idx=pad_id)
@@ -118,7 +146,7 @@ class Seq2Seq(nn.Module):
             dropout=cfg.dropout if cfg.dec_layers > 1 else 0.0,
         )
         self.bridge = nn.ModuleList(
-            nn.Linear(cfg.memory_size, cfg.dec_layers * cfg.dec_hidden) for _ in self.state_names
+            nn.Linear(cfg.memory_size, cfg.dec_layers * cfg.dec_hidden) for _ in self._state_names
         )
         self.attention = Attention(cfg) if cfg.has_attention else None
         if cfg.has_attention:
@@ -129,6 +157,25 @@ class Seq2Seq(nn.Module):
         if cfg.copy:
             self.copy_gate = nn.Linear(cfg.memory_size + cfg.dec_hidden + cfg.emb_size, 1)
         self._init_forget_bias()
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return self._state_names
+
+    @property
+    def feed_size(self) -> int:
+        return self.cfg.dec_hidden
+
+    @property
+    def uses_copy(self) -> bool:
+        return self.cfg.copy
+
+    @property
+    def emits_position(self) -> bool:
+        return self.cfg.attention == "local-p"
+
+    def architecture(self) -> dict[str, Any]:
+        return asdict(self.cfg) | {"memory_size": self.cfg.memory_size}
 
     def _init_forget_bias(self) -> None:
         if self.cfg.cell != "lstm" or self.cfg.forget_bias == 0.0:

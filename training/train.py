@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -43,7 +44,7 @@ from training.data import (
 )
 from training.decode import beam_search
 from training.evaluate import score
-from training.model import Seq2Seq, count_parameters, nll_loss
+from training.model import Seq2Seq, StepModel, count_parameters, nll_loss
 
 CHECKPOINT_FORMAT = 1
 
@@ -154,8 +155,11 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[Seq2Seq, Config, Tokeni
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
+    try:
+        ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # not a torch file, truncated, corrupted zip
+        raise ValueError(f"{path}: not a readable seqserve checkpoint ({type(exc).__name__})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a seqserve checkpoint (format {ckpt.get('format')!r})")
     return ckpt
 
@@ -172,7 +176,7 @@ def seed_everything(seed: int) -> None:
 
 
 def decode_examples(
-    model: Seq2Seq,
+    model: StepModel,
     examples: Sequence[Example],
     src_tok: Tokenizer,
     tgt_tok: Tokenizer,
@@ -191,7 +195,7 @@ def decode_examples(
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="decode", disable=not progress, unit="batch"):
         idx = order[start : start + batch_size]
-        batch = make_batch([(examples[i].src, "") for i in idx], src_tok, tgt_tok, model.cfg.copy).to(device)
+        batch = make_batch([(examples[i].src, "") for i in idx], src_tok, tgt_tok, model.uses_copy).to(device)
         hyps = beam_search(
             model,
             batch.src,

@@ -144,7 +144,14 @@ class Manifest:
         return manifest
 
     def summary(self) -> str:
-        a = self.architecture
+        members = self.architecture.get("ensemble")
+        if isinstance(members, list):
+            parts = "; ".join(self._describe(m) for m in members if isinstance(m, dict))
+            return f"ensemble of {len(members)} ({self.architecture.get('combine', 'prob')} average): {parts}"
+        return self._describe(self.architecture)
+
+    @staticmethod
+    def _describe(a: dict[str, Any]) -> str:
         enc = (
             f"{'bi-' if a.get('bidirectional') else ''}{a.get('cell', '?')} {a.get('enc_layers')}x{a.get('enc_hidden')}"
         )

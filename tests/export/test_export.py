@@ -95,3 +95,27 @@ def test_offline_optimised_bundle_keeps_parity(tmp_path: Path) -> None:
     assert manifest.parity["nbest_identical"] == 30
     verify_files(target, read_manifest(target))  # hashes are of the optimised graphs
     Bundle(target)
+
+
+def test_ensemble_of_different_architectures_exports_with_nbest_parity(tmp_path: Path) -> None:
+    """Two checkpoints (LSTM general attention; GRU, concat attention, reversed source) -> one bundle."""
+    a = trained_checkpoint(tmp_path / "a", [], steps=40)
+    b = trained_checkpoint(tmp_path / "b", ["model.cell=gru", "model.attention=concat", "model.reverse_source=true"])
+    target = tmp_path / "repo" / "ens" / "1"
+    manifest = export_checkpoint([a, b], target, ExportOptions(name="ens", version=1, parity_limit=40, progress=False))
+    assert manifest.parity["nbest_identical"] == 40  # the served search equals the torch ensemble's beam search
+    assert manifest.state_names == ("m0_h", "m0_c", "m1_h")
+    assert [m["cell"] for m in manifest.architecture["ensemble"]] == ["lstm", "gru"]
+    assert [m["checkpoint"] for m in manifest.training["ensemble"]] == ["last.pt", "last.pt"]
+    assert manifest.summary().startswith("ensemble of 2 (prob average): bi-lstm 2x16 -> 2x32")
+    bundle = Bundle(target)
+    assert bundle.runtime.initial_feed(3).shape == (3, 64)  # both members' input-feeding vectors
+
+
+def test_ensemble_of_copy_and_plain_models_is_refused(tmp_path: Path) -> None:
+    a = trained_checkpoint(tmp_path / "a", ["data.shared_vocab=true"], steps=5)
+    b = trained_checkpoint(tmp_path / "b", ["model.copy=true", "data.shared_vocab=true"], steps=5)
+    target = tmp_path / "repo" / "ens" / "1"
+    with pytest.raises(ExportError, match="copy models can only be combined with copy models"):
+        export_checkpoint([a, b], target, ExportOptions(name="ens", version=1, parity_limit=5, progress=False))
+    assert not target.exists()
