@@ -76,8 +76,7 @@ class Ensemble(nn.Module):
         return {
             "ensemble": [m.architecture() for m in self._members],
             "combine": self.combine,
-            "dec_hidden": self.feed_size,  # the runtime sizes the initial feed from it
-            "dec_layers": max(m.cfg.dec_layers for m in self._members),
+            "feed_size": self.feed_size,  # the runtime sizes the initial input-feeding vector from it
             "memory_size": sum(self._memory_sizes),
             "copy": self.uses_copy,
         }

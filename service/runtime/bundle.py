@@ -50,7 +50,6 @@ class Bundle:
         special = self.manifest.special_tokens
         self.pad, self.bos, self.eos, self.unk = special["pad"], special["bos"], special["eos"], special["unk"]
         self.copy = bool(self.manifest.architecture.get("copy", False))
-        self.reverse = bool(self.manifest.architecture.get("reverse_source", False))
 
     @property
     def name(self) -> str:

@@ -97,8 +97,10 @@ class Runtime:
         self._out_attention = position["attention"]
         self._out_states = [position[f"state_{n}_out"] for n in self.state_names]
         arch = manifest.architecture
-        self.dec_hidden = int(arch["dec_hidden"])
-        self.dec_layers = int(arch["dec_layers"])
+        feed_size = arch.get("feed_size", arch.get("dec_hidden"))  # width of h~ (an ensemble's: all members')
+        if not isinstance(feed_size, int) or feed_size < 1:
+            raise BundleError("manifest.json: the architecture lacks a positive integer feed_size or dec_hidden")
+        self.feed_size = feed_size
         self.copy = bool(arch.get("copy", False))
         self.tgt_vocab = manifest.vocab_sizes["tgt"]
 
@@ -139,4 +141,4 @@ class Runtime:
         )
 
     def initial_feed(self, rows: int) -> FloatArray:
-        return np.zeros((rows, self.dec_hidden), dtype=np.float32)
+        return np.zeros((rows, self.feed_size), dtype=np.float32)

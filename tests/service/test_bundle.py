@@ -77,3 +77,13 @@ def test_cuda_falls_back_to_cpu_with_a_warning(tiny_bundle: Path, caplog: pytest
     bundle = Bundle(tiny_bundle, device="cuda")
     assert bundle.runtime.device == "cpu"
     assert any("no CUDAExecutionProvider" in r.getMessage() for r in caplog.records)
+
+
+def test_a_manifest_without_the_feed_width_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    del raw["architecture"]["dec_hidden"]
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="lacks a positive integer feed_size or dec_hidden"):
+        Bundle(copy, verify=False)
