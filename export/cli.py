@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from training.config import COMBINE
+
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -18,7 +20,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--combine",
-        choices=("prob", "logprob"),
+        choices=COMBINE,
         default="prob",
         help="ensembles: average the members' probabilities (prob) or log-probabilities (logprob)",
     )

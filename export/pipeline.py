@@ -24,10 +24,10 @@ from service.text import Tokenizer
 from training.config import Config
 from training.data import Example, make_batch
 from training.decode import beam_search
-from training.ensemble import EnsembleError, load_ensemble
+from training.ensemble import load_models
 from training.evaluate import score
 from training.model import StepModel
-from training.train import load_checkpoint, load_datasets, model_from_checkpoint
+from training.train import load_datasets
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class ExportOptions:
     min_agreement: float = MIN_AGREEMENT
     overwrite: bool = False
     progress: bool = True
-    combine: str = "prob"  # ensembles: how the members' distributions combine (training.ensemble.COMBINE)
+    combine: str = "prob"  # ensembles: how the members' distributions combine (training.config.COMBINE)
 
 
 def graph_parity(
@@ -197,11 +197,11 @@ class Loaded:
     training_info: dict[str, Any]
 
 
-def load_models(checkpoints: Sequence[Path], combine: str = "prob") -> Loaded:
+def load(checkpoints: Sequence[Path], combine: str = "prob") -> Loaded:
     """One checkpoint -> its model; several -> their ensemble (members must tokenize identically)."""
     try:
-        ckpts = [load_checkpoint(p) for p in checkpoints]
-    except ValueError as exc:
+        model, cfg, src_tok, tgt_tok, ckpts = load_models(checkpoints, combine)
+    except ValueError as exc:  # unreadable checkpoints; models that cannot form an ensemble
         raise ExportError(str(exc)) from exc
 
     def info(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -213,22 +213,15 @@ def load_models(checkpoints: Sequence[Path], combine: str = "prob") -> Loaded:
             "data": ckpt.get("data", {}),
         }
 
-    files = ckpts[0].get("files", {})
-    if len(ckpts) == 1:
-        model, cfg, src_tok, tgt_tok = model_from_checkpoint(ckpts[0])
-        return Loaded(model, cfg, src_tok, tgt_tok, files, info(checkpoints[0], ckpts[0]))
-    try:
-        ensemble, cfg, src_tok, tgt_tok = load_ensemble(ckpts, [str(p) for p in checkpoints], combine)
-    except EnsembleError as exc:
-        raise ExportError(str(exc)) from exc
     members = [info(p, c) for p, c in zip(checkpoints, ckpts, strict=True)]
-    return Loaded(ensemble, cfg, src_tok, tgt_tok, files, {"ensemble": members, "combine": combine})
+    training_info = members[0] if len(members) == 1 else {"ensemble": members, "combine": combine}
+    return Loaded(model, cfg, src_tok, tgt_tok, ckpts[0].get("files", {}), training_info)
 
 
 def export_checkpoint(checkpoints: Path | Sequence[Path], target: Path, opts: ExportOptions) -> Manifest:
     """A checkpoint (or several: an ensemble) -> a verified bundle at ``target``."""
     paths = [checkpoints] if isinstance(checkpoints, Path) else list(checkpoints)
-    loaded = load_models(paths, opts.combine)
+    loaded = load(paths, opts.combine)
     model, cfg, src_tok, tgt_tok = loaded.model, loaded.cfg, loaded.src_tok, loaded.tgt_tok
     training_info = loaded.training_info
     examples = load_datasets(cfg.data, cfg.train.seed).dev

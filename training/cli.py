@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.config import ConfigError, load_config
+from training.config import COMBINE, ConfigError, load_config
 
 if TYPE_CHECKING:
     from training.data import Example
@@ -41,7 +41,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         nargs="+",
         help="a training checkpoint (best.pt), several (decoded as an ensemble), or a bundle directory",
     )
-    p.add_argument("--combine", choices=("prob", "logprob"), default="prob", help="how an ensemble combines")
+    p.add_argument("--combine", choices=COMBINE, default="prob", help="how an ensemble combines")
     p.add_argument("--split", choices=("dev", "test"), default="test")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128, help="sources per torch batch (checkpoints)")
@@ -114,18 +114,12 @@ def run_eval(args: argparse.Namespace) -> int:
 def _eval_checkpoints(args: argparse.Namespace, examples: list[Example]) -> dict[str, float]:
     import torch
 
-    from training.ensemble import load_ensemble
+    from training.ensemble import load_models
     from training.evaluate import score
-    from training.model import StepModel
-    from training.train import decode_examples, load_checkpoint, model_from_checkpoint
+    from training.train import decode_examples
 
-    model: StepModel
     try:
-        ckpts = [load_checkpoint(p) for p in args.model]
-        if len(ckpts) == 1:
-            model, _, src_tok, tgt_tok = model_from_checkpoint(ckpts[0])
-        else:
-            model, _, src_tok, tgt_tok = load_ensemble(ckpts, [str(p) for p in args.model], args.combine)
+        model, _, src_tok, tgt_tok, _ = load_models(args.model, args.combine)
     except ValueError as exc:  # not a seqserve checkpoint; models that cannot form an ensemble
         raise UsageError(str(exc)) from exc
     hyps = decode_examples(

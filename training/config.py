@@ -16,6 +16,7 @@ CELLS = ("lstm", "gru", "rnn")
 ATTENTIONS = ("none", "dot", "general", "concat", "local-m", "local-p")
 SCORES = ("dot", "general", "concat")
 TOKENIZERS = ("char", "word", "sentencepiece")
+COMBINE = ("prob", "logprob")  # how an ensemble combines its members' next-token distributions
 
 
 class ConfigError(ValueError):

@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from service.text import Tokenizer
-from training.config import Config
-from training.model import Seq2Seq
-
-COMBINE = ("prob", "logprob")
+from training.config import COMBINE, Config
+from training.model import Seq2Seq, StepModel
 
 
 class EnsembleError(ValueError):
@@ -143,15 +142,21 @@ def check_compatible(checkpoints: Sequence[dict[str, Any]], paths: Sequence[str]
                 raise EnsembleError(f"{path} was trained with a different data.{key} than {paths[0]}")
 
 
-def load_ensemble(
-    checkpoints: Sequence[dict[str, Any]], paths: Sequence[str], combine: str = "prob"
-) -> tuple[Ensemble, Config, Tokenizer, Tokenizer]:
-    """Loaded checkpoints -> an ensemble, the first member's config (data settings) and the shared tokenizers."""
-    from training.train import model_from_checkpoint
+def load_models(
+    paths: Sequence[str | Path], combine: str = "prob"
+) -> tuple[StepModel, Config, Tokenizer, Tokenizer, list[dict[str, Any]]]:
+    """One checkpoint -> its model; several -> their ensemble. Also the first checkpoint's config (data
+    settings), the shared tokenizers and the loaded checkpoints. ValueError (EnsembleError for models that
+    cannot be combined) with a one-line reason."""
+    from training.train import load_checkpoint, model_from_checkpoint
 
-    check_compatible(checkpoints, paths)
+    checkpoints = [load_checkpoint(p) for p in paths]
+    if len(checkpoints) > 1:
+        check_compatible(checkpoints, [str(p) for p in paths])
     loaded = [model_from_checkpoint(c) for c in checkpoints]
-    _, cfg, src_tok, tgt_tok = loaded[0]
+    model, cfg, src_tok, tgt_tok = loaded[0]
+    if len(loaded) == 1:
+        return model, cfg, src_tok, tgt_tok, checkpoints
     ensemble = Ensemble([m for m, _, _, _ in loaded], combine)
     ensemble.eval()
-    return ensemble, cfg, src_tok, tgt_tok
+    return ensemble, cfg, src_tok, tgt_tok, checkpoints
