@@ -159,8 +159,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # not a torch file, truncated, corrupted zip
         raise ValueError(f"{path}: not a readable seqserve checkpoint ({type(exc).__name__})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a seqserve checkpoint (format {ckpt.get('format')!r})")
+    found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if found != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a seqserve checkpoint (format {found!r})")
     return ckpt
 
 

@@ -130,3 +130,6 @@ def test_eval_decodes_several_checkpoints_as_an_ensemble(tmp_path: Path, capsys:
     assert "one bundle directory, or one or more checkpoints" in capsys.readouterr().err
     assert main(["eval", ckpt, str(ROOT / "README.md")]) == 2
     assert "README.md: not a readable seqserve checkpoint" in capsys.readouterr().err
+    torch.save([1, 2], tmp_path / "list.pt")  # a torch file, but not a checkpoint
+    assert main(["eval", str(tmp_path / "list.pt")]) == 2
+    assert "list.pt: not a seqserve checkpoint (format 'list')" in capsys.readouterr().err
