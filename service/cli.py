@@ -178,7 +178,7 @@ def _torch_side(module: str, func: str, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from export.cli import add_export_args
-    from training.cli import add_eval_args, add_train_args
+    from training.cli import add_average_args, add_eval_args, add_train_args
 
     parser = argparse.ArgumentParser(prog="seqserve", description="Serve recurrent seq2seq models over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--server", default="127.0.0.1:50051")
     add_train_args(sub.add_parser("train", help="train a model (needs seqserve[train])"))
     add_eval_args(sub.add_parser("eval", help="score a checkpoint on the CMUdict test split (needs seqserve[train])"))
+    add_average_args(
+        sub.add_parser("average", help="average checkpoints' weights into one checkpoint (needs seqserve[train])")
+    )
     add_export_args(sub.add_parser("export", help="export a checkpoint to a bundle (needs seqserve[train])"))
     return parser
 
@@ -200,11 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         return _run_translate(args)
     if args.command == "models":
         return _run_models(args)
-    if args.command == "train":
-        return _torch_side("training.cli", "run_train", args)
-    if args.command == "eval":
-        return _torch_side("training.cli", "run_eval", args)
-    return _torch_side("export.cli", "run_export", args)
+    torch_side = {
+        "train": ("training.cli", "run_train"),
+        "eval": ("training.cli", "run_eval"),
+        "average": ("training.cli", "run_average"),
+        "export": ("export.cli", "run_export"),
+    }
+    module, func = torch_side[args.command]
+    return _torch_side(module, func, args)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,29 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
 
 
+def add_average_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoints", type=Path, nargs="+", help="checkpoints of one run (e.g. RUN/epoch-*.pt)")
+    p.add_argument("--out", type=Path, required=True, help="the averaged checkpoint to write (e.g. RUN/avg.pt)")
+
+
+def run_average(args: argparse.Namespace) -> int:
+    """Average the weights of several checkpoints of one architecture into one checkpoint."""
+    from training.average import average_files
+
+    missing = [str(p) for p in args.checkpoints if not p.is_file()]
+    if missing:
+        print(f"seqserve average: not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        averaged = average_files(args.checkpoints, args.out)
+    except ValueError as exc:  # unreadable checkpoint, different architectures or vocabularies
+        print(f"seqserve average: {exc}", file=sys.stderr)
+        return 2
+    steps = ", ".join(str(s) for s in averaged["state"]["averaged_steps"])
+    print(f"seqserve average: {len(args.checkpoints)} checkpoints (steps {steps}) -> {args.out}")
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
     from training.train import train
 
@@ -142,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_args(sub.add_parser("train"))
     add_eval_args(sub.add_parser("eval"))
+    add_average_args(sub.add_parser("average"))
     args = parser.parse_args(argv)
-    return run_train(args) if args.command == "train" else run_eval(args)
+    runners = {"train": run_train, "eval": run_eval, "average": run_average}
+    return runners[args.command](args)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,7 @@ class TrainConfig:
     device: str = "auto"
     num_threads: int = 0  # torch intra-op threads; 0: torch's default
     init_from: str = ""  # start from this checkpoint's weights (same vocabularies), fresh optimizer
+    keep_checkpoints: int = 0  # keep the weights of the last N epochs as epoch-NNN.pt (for `seqserve average`)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Run directory layout (``--out DIR``)::
     metrics.jsonl    one JSON object per log line (train steps and dev evaluations)
     last.pt          the latest checkpoint (resume point, written every few minutes and each epoch)
     best.pt          the checkpoint with the best dev WER so far (what ``seqserve export`` takes)
+    epoch-NNN.pt     weights after epoch NNN, the last ``train.keep_checkpoints`` of them (``seqserve average``)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from service.text import SPECIALS, Tokenizer, TokenizerSpec, Vocab, extend_source, ids_to_tokens
+from training.average import slim_checkpoint
 from training.config import Config, DataConfig, config_from_dict
 from training.data import (
     Batch,
@@ -499,7 +501,19 @@ class Trainer:
             )
         if improved:
             self.save("best.pt")
+        if plateau and t.keep_checkpoints > 0:
+            self.save_epoch(epoch + 1, t.keep_checkpoints)
         self.save("last.pt")
+
+    def save_epoch(self, epoch: int, keep: int) -> None:
+        """Weights after a whole epoch as epoch-NNN.pt; only the newest ``keep`` of them stay."""
+        if not self.is_main:
+            return
+        tmp = self.out_dir / ".epoch.tmp"
+        torch.save(slim_checkpoint(self.checkpoint()), tmp)
+        tmp.replace(self.out_dir / f"epoch-{epoch:03d}.pt")
+        for old in sorted(self.out_dir.glob("epoch-[0-9][0-9][0-9].pt"))[:-keep]:
+            old.unlink()
 
     def check_replicas(self) -> None:
         """Under DDP every rank must hold the same weights; log the check (and fail loudly if not)."""
