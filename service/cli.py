@@ -178,7 +178,7 @@ def _torch_side(module: str, func: str, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from export.cli import add_export_args
-    from training.cli import add_average_args, add_eval_args, add_train_args
+    from training.cli import add_average_args, add_distill_args, add_eval_args, add_train_args
 
     parser = argparse.ArgumentParser(prog="seqserve", description="Serve recurrent seq2seq models over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(sub.add_parser("eval", help="score a checkpoint on the CMUdict test split (needs seqserve[train])"))
     add_average_args(
         sub.add_parser("average", help="average checkpoints' weights into one checkpoint (needs seqserve[train])")
+    )
+    add_distill_args(
+        sub.add_parser("distill", help="write a teacher's outputs for the training split (needs seqserve[train])")
     )
     add_export_args(sub.add_parser("export", help="export a checkpoint to a bundle (needs seqserve[train])"))
     return parser
@@ -207,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": ("training.cli", "run_train"),
         "eval": ("training.cli", "run_eval"),
         "average": ("training.cli", "run_average"),
+        "distill": ("training.cli", "run_distill"),
         "export": ("export.cli", "run_export"),
     }
     module, func = torch_side[args.command]

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 from training.config import COMBINE, ConfigError, load_config
 
 if TYPE_CHECKING:
+    from service.text import Tokenizer
     from training.data import Example
+    from training.model import StepModel
 
 
 class UsageError(Exception):
@@ -71,6 +73,51 @@ def run_average(args: argparse.Namespace) -> int:
         return 2
     steps = ", ".join(str(s) for s in averaged["state"]["averaged_steps"])
     print(f"seqserve average: {len(args.checkpoints)} checkpoints (steps {steps}) -> {args.out}")
+    return 0
+
+
+def add_distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("teacher", type=Path, nargs="+", help="the teacher: a checkpoint, or several (an ensemble)")
+    p.add_argument("--out", type=Path, required=True, help="TSV to write: training source<TAB>teacher output")
+    p.add_argument("--combine", choices=COMBINE, default="prob", help="how an ensemble teacher combines")
+    p.add_argument("--beam", type=int, default=5, help="the teacher's beam (1: greedy)")
+    p.add_argument("--batch-size", type=int, default=256, help="sources per torch batch")
+    p.add_argument("--max-len", type=int, default=50)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    """Sequence-level distillation data: the teacher's output for every training-split source of its data set."""
+
+    from training.ensemble import load_models
+    from training.train import load_datasets
+
+    missing = [str(p) for p in args.teacher if not p.is_file()]
+    if missing:
+        print(f"seqserve distill: not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    if args.beam < 1:
+        print("seqserve distill: --beam must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        model, cfg, src_tok, tgt_tok, _ = load_models(args.teacher, args.combine)
+        train = load_datasets(cfg.data, cfg.train.seed).train
+    except ValueError as exc:  # unreadable checkpoint, models that cannot form an ensemble, data set missing
+        print(f"seqserve distill: {exc}", file=sys.stderr)
+        return 2
+    start = time.monotonic()
+    hyps = _decode(args, model, train, src_tok, tgt_tok)
+    lines = [f"{ex.src}\t{' '.join(h)}\n" for ex, h in zip(train, hyps, strict=True) if h]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    tmp.replace(args.out)
+    agree = sum(any(" ".join(h) == r for r in ex.refs) for ex, h in zip(train, hyps, strict=True)) / max(len(train), 1)
+    print(
+        f"seqserve distill: {len(lines)} training sources -> {args.out} in {time.monotonic() - start:.0f} s; "
+        f"the teacher's output equals a reference for {100 * agree:.1f} % of them"
+    )
+    if len(lines) < len(train):
+        print(f"seqserve distill: {len(train) - len(lines)} empty outputs left out", file=sys.stderr)
     return 0
 
 
@@ -135,17 +182,28 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_checkpoints(args: argparse.Namespace, examples: list[Example]) -> dict[str, float]:
-    import torch
 
     from training.ensemble import load_models
     from training.evaluate import score
-    from training.train import decode_examples
 
     try:
         model, _, src_tok, tgt_tok, _ = load_models(args.model, args.combine)
     except ValueError as exc:  # not a seqserve checkpoint; models that cannot form an ensemble
         raise UsageError(str(exc)) from exc
-    hyps = decode_examples(
+    hyps = _decode(args, model, examples, src_tok, tgt_tok)
+    refs = [[tgt_tok.tokenize(r) for r in ex.refs] for ex in examples]
+    return score(hyps, refs, stress=True).as_dict() | score(hyps, refs, stress=False).as_dict("nostress_")
+
+
+def _decode(
+    args: argparse.Namespace, model: StepModel, examples: list[Example], src_tok: Tokenizer, tgt_tok: Tokenizer
+) -> list[list[str]]:
+    """The torch reference search over examples on the CPU, with the command's --beam/--batch-size/--max-len."""
+    import torch
+
+    from training.train import decode_examples
+
+    return decode_examples(
         model,
         examples,
         src_tok,
@@ -156,8 +214,6 @@ def _eval_checkpoints(args: argparse.Namespace, examples: list[Example]) -> dict
         max_len=args.max_len,
         progress=True,
     )
-    refs = [[tgt_tok.tokenize(r) for r in ex.refs] for ex in examples]
-    return score(hyps, refs, stress=True).as_dict() | score(hyps, refs, stress=False).as_dict("nostress_")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     add_train_args(sub.add_parser("train"))
     add_eval_args(sub.add_parser("eval"))
     add_average_args(sub.add_parser("average"))
+    add_distill_args(sub.add_parser("distill"))
     args = parser.parse_args(argv)
-    runners = {"train": run_train, "eval": run_eval, "average": run_average}
+    runners = {"train": run_train, "eval": run_eval, "average": run_average, "distill": run_distill}
     return runners[args.command](args)
 
 

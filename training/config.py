@@ -91,6 +91,7 @@ class DataConfig:
     max_src_len: int = 100
     max_tgt_len: int = 100
     synthetic_size: int = 5000
+    distill: str = ""  # TSV from `seqserve distill`: train on these targets (a teacher's outputs) instead
 
 
 @dataclass(frozen=True)

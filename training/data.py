@@ -105,6 +105,20 @@ def read_tsv(path: str | Path) -> list[Example]:
     return [Example(src, tuple(t)) for src, t in refs.items()]
 
 
+def distillation_pairs(path: str | Path, train: Sequence[Example]) -> list[tuple[str, str]]:
+    """(source, teacher output) pairs from a ``seqserve distill`` TSV, in file order. Every source must be a
+    training-split source: targets for dev or test words would leak them into training."""
+    allowed = {ex.src for ex in train}
+    examples = read_tsv(path)
+    foreign = [ex.src for ex in examples if ex.src not in allowed]
+    if foreign:
+        raise DataError(
+            f"{path}: {len(foreign)} source(s) are not in the training split (first: {foreign[0]!r}); "
+            "distillation targets must be made for the training split only (seqserve distill does that)"
+        )
+    return training_pairs(examples)
+
+
 def reverse_task(n: int, seed: int, alphabet: str = "abcdefghij", min_len: int = 3, max_len: int = 10) -> list[Example]:
     """A synthetic task: the target is the source reversed, characters separated by spaces."""
     rng = random.Random(seed)

@@ -37,6 +37,7 @@ from training.data import (
     Example,
     batches,
     cmudict_path,
+    distillation_pairs,
     file_sha256,
     make_batch,
     read_cmudict,
@@ -239,7 +240,12 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.data = load_datasets(cfg.data, cfg.train.seed)
         self.src_tok, self.tgt_tok, self.files = build_tokenizers(cfg.data, self.data)
-        pairs = training_pairs(self.data.train)
+        if cfg.data.distill:  # a teacher's outputs as targets; tokenizers still from the data set's references
+            pairs = distillation_pairs(cfg.data.distill, self.data.train)
+            self.data.source["distill"] = Path(cfg.data.distill).name
+            self.data.source["distill_sha256"] = file_sha256(Path(cfg.data.distill))
+        else:
+            pairs = training_pairs(self.data.train)
         # the served model refuses longer sources and stops at max_tgt_len: train within the same bounds
         self.pairs = [
             p
