@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from training.cli import non_negative_int, positive_int
 from training.config import COMBINE
 
 
@@ -27,8 +28,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="bundle directory REPO/NAME/VERSION (VERSION: an integer)")
     p.add_argument("--quantize", choices=("int8",), help="write an int8 (dynamic quantization) bundle instead of fp32")
     p.add_argument("--optimize", action="store_true", help="apply onnxruntime's offline graph optimisation")
-    p.add_argument("--parity-limit", type=int, default=0, help="check parity on the first N dev inputs (0: all)")
-    p.add_argument("--beam", type=int, default=5, help="beam size of the n-best parity check")
+    p.add_argument(
+        "--parity-limit", type=non_negative_int, default=0, help="check parity on the first N dev inputs (0: all)"
+    )
+    p.add_argument("--beam", type=positive_int, default=5, help="beam size of the n-best parity check")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--no-progress", action="store_true")
 

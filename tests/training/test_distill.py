@@ -1,4 +1,4 @@
-"""Sequence-level distillation: the teacher's outputs for the training split, and training on them."""
+"""Sequence-level distillation (teacher outputs for the training split, training on them); size arguments checked."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.cli import main as seqserve
 from tests.training.test_training import TINY
 from training.cli import main
 from training.config import load_config
@@ -63,16 +64,27 @@ def test_distill_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "kd.tsv").exists()
 
 
-@pytest.mark.parametrize("command", ["eval", "distill"])
-@pytest.mark.parametrize(("flag", "value"), [("--beam", "0"), ("--batch-size", "-1"), ("--max-len", "x")])
-def test_search_sizes_must_be_positive_whole_numbers(
+@pytest.mark.parametrize(
+    ("command", "flag", "value"),
+    [
+        ("eval", "--beam", "0"),
+        ("eval", "--batch-size", "-1"),
+        ("eval", "--limit", "x"),
+        ("distill", "--beam", "0"),
+        ("distill", "--max-len", "0"),
+        ("export", "--beam", "0"),
+        ("export", "--parity-limit", "-3"),
+    ],
+)
+def test_search_sizes_must_be_whole_numbers_in_range(
     command: str, flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ckpt = tmp_path / "best.pt"
     ckpt.write_text("never read: the arguments are refused first")
-    required = ["--out", str(tmp_path / "kd.tsv")] if command == "distill" else []
+    required = ["--out", str(tmp_path / "out")] if command != "eval" else []
     with pytest.raises(SystemExit) as exc:
-        main([command, str(ckpt), *required, flag, value])
+        seqserve([command, str(ckpt), *required, flag, value])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
