@@ -209,7 +209,10 @@ def load(checkpoints: Sequence[Path], combine: str = "prob") -> Loaded:
             "checkpoint": path.name,
             "step": ckpt["state"]["step"],
             "epoch": ckpt["state"]["epoch"],
-            "best_dev_wer": ckpt["state"]["best_wer"],
+            "best_dev": {
+                "metric": ckpt["config"]["train"].get("select_on", "wer"),
+                "value": ckpt["state"].get("best_score", ckpt["state"].get("best_wer")),
+            },
             "data": ckpt.get("data", {}),
         }
 

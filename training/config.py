@@ -17,6 +17,7 @@ ATTENTIONS = ("none", "dot", "general", "concat", "local-m", "local-p")
 SCORES = ("dot", "general", "concat")
 TOKENIZERS = ("char", "word", "sentencepiece")
 COMBINE = ("prob", "logprob")  # how an ensemble combines its members' next-token distributions
+SELECT_ON = ("wer", "nostress_wer", "per", "nostress_per", "loss")  # dev metrics best.pt can be chosen on
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,7 @@ class TrainConfig:
     num_threads: int = 0  # torch intra-op threads; 0: torch's default
     init_from: str = ""  # start from this checkpoint's weights (same vocabularies), fresh optimizer
     keep_checkpoints: int = 0  # keep the weights of the last N epochs as epoch-NNN.pt (for `seqserve average`)
+    select_on: str = "wer"  # dev metric for best.pt, plateau decay and early stopping (lower is better)
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         train=_section(TrainConfig, dict(raw.get("train", {})), "train"),
     )
     cfg.model.validate()
+    if cfg.train.select_on not in SELECT_ON:
+        raise ConfigError(f"train.select_on must be one of {SELECT_ON}, got {cfg.train.select_on!r}")
     return cfg
 
 

@@ -263,7 +263,8 @@ class Trainer:
             "epoch": 0,
             "batch_in_epoch": 0,
             "step": 0,
-            "best_wer": math.inf,
+            "best_score": math.inf,  # the best dev value of train.select_on so far
+            "select_on": cfg.train.select_on,
             "bad_epochs": 0,
             "lr": cfg.train.lr,
             "finished": False,
@@ -315,6 +316,10 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = dict(ckpt["state"])
+        if "best_wer" in self.state:  # written before train.select_on existed: chosen on dev WER
+            self.state["best_score"] = self.state.pop("best_wer")
+        if self.state.get("select_on", "wer") != self.cfg.train.select_on:  # another metric: its best starts afresh
+            self.state.update(select_on=self.cfg.train.select_on, best_score=math.inf, bad_epochs=0)
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
@@ -470,7 +475,8 @@ class Trainer:
         return {
             "step": self.state["step"],
             "epoch": self.state["epoch"],
-            "best_wer": self.state["best_wer"],
+            "select_on": self.cfg.train.select_on,
+            "best_score": self.state["best_score"],
             "stopped": stopped or ("early_stop" if self.state["finished"] else "epochs"),
         }
 
@@ -478,9 +484,10 @@ class Trainer:
         """Dev evaluation; best.pt on improvement; plateau decay / early stop only after a whole epoch."""
         t = self.cfg.train
         metrics = self.evaluate()
-        improved = metrics["dev_wer"] < self.state["best_wer"]
+        selected = metrics["dev_loss" if t.select_on == "loss" else f"dev_{t.select_on}"]
+        improved = selected < self.state["best_score"]
         if improved:
-            self.state["best_wer"] = metrics["dev_wer"]
+            self.state["best_score"] = selected
             self.state["bad_epochs"] = 0
         elif plateau:
             self.state["bad_epochs"] += 1

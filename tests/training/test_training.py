@@ -198,3 +198,39 @@ def test_ddp_with_two_processes(tmp_path: Path) -> None:
     assert check and check[0]["world"] == 2 and check[0]["replicas_in_sync"]
     dev = [r for r in log if r["event"] == "dev"]
     assert dev[-1]["step"] == 12  # 400 pairs / 16 per batch = 25 batches, split over 2 ranks
+
+
+@pytest.mark.parametrize(("select_on", "best_epochs", "decayed"), [("wer", [1, 2], 1), ("loss", [1, 3], 1)])
+def test_best_checkpoint_follows_the_chosen_dev_metric(
+    select_on: str, best_epochs: list[int], decayed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # scripted dev results where the two metrics disagree: WER is best at epoch 2, loss at epoch 3
+    script = iter(
+        [{"dev_wer": 0.5, "dev_loss": 1.0}, {"dev_wer": 0.4, "dev_loss": 1.2}, {"dev_wer": 0.45, "dev_loss": 0.9}]
+    )
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: next(script) | {"dev_nostress_wer": 0.0})
+    t = trainer(tmp_path, ["train.epochs=3", f"train.select_on={select_on}", "train.early_stop_patience=9"])
+    result = t.run(progress=False)
+    assert result["select_on"] == select_on
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["epoch"]: r["step"] for r in log if r["event"] == "dev"}
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["state"]["step"] == steps[best_epochs[-1]]
+    assert t.state["lr"] == pytest.approx(0.01 * 0.5**decayed)  # one epoch without improvement: one decay
+
+
+def test_resume_of_a_run_from_before_select_on(tmp_path: Path) -> None:
+    a = trainer(tmp_path, [])
+    a.state.pop("best_score")
+    a.state.pop("select_on")
+    a.state["best_wer"] = 0.25  # the state layout older checkpoints carry
+    a.save("last.pt")
+    b = trainer(tmp_path, [])
+    assert b.resume() and b.state["best_score"] == 0.25 and "best_wer" not in b.state
+    c = trainer(tmp_path, ["train.select_on=loss"])  # another metric: a WER is no best loss
+    assert c.resume() and c.state["best_score"] == float("inf") and c.state["select_on"] == "loss"
+
+
+def test_select_on_must_be_a_known_metric() -> None:
+    with pytest.raises(ConfigError, match=r"train\.select_on must be one of"):
+        load_config(None, ["train.select_on=bleu"])
