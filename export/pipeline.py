@@ -211,7 +211,7 @@ def load(checkpoints: Sequence[Path], combine: str = "prob") -> Loaded:
             "epoch": ckpt["state"]["epoch"],
             "best_dev": {
                 "metric": ckpt["config"]["train"].get("select_on", "wer"),
-                "value": ckpt["state"].get("best_score", ckpt["state"].get("best_wer")),
+                "value": ckpt["state"]["best_score"],
             },
             "data": ckpt.get("data", {}),
         }

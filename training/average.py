@@ -60,13 +60,11 @@ def average_checkpoints(checkpoints: Sequence[dict[str, Any]], paths: Sequence[s
 
 def average_files(paths: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
     """Average checkpoint files into ``out`` (written atomically). ValueError with a one-line reason."""
-    from training.train import load_checkpoint
+    from training.train import load_checkpoint, save_checkpoint
 
     checkpoints = [load_checkpoint(p) for p in paths]
     averaged = average_checkpoints(checkpoints, [str(p) for p in paths])
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    torch.save(averaged, tmp)
-    tmp.replace(target)
+    save_checkpoint(averaged, target)
     return averaged

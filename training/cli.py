@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,14 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0 (limits where 0 means "no limit")."""
     return _whole_number(text, 0)
+
+
+def _report_missing(command: str, paths: Sequence[Path], present: Callable[[Path], bool] = Path.is_file) -> bool:
+    """One line naming every path that is not there (True if any)."""
+    missing = [str(p) for p in paths if not present(p)]
+    if missing:
+        print(f"seqserve {command}: not found: {', '.join(missing)}", file=sys.stderr)
+    return bool(missing)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -82,9 +91,7 @@ def run_average(args: argparse.Namespace) -> int:
     """Average the weights of several checkpoints of one architecture into one checkpoint."""
     from training.average import average_files
 
-    missing = [str(p) for p in args.checkpoints if not p.is_file()]
-    if missing:
-        print(f"seqserve average: not found: {', '.join(missing)}", file=sys.stderr)
+    if _report_missing("average", args.checkpoints):
         return 2
     try:
         averaged = average_files(args.checkpoints, args.out)
@@ -110,9 +117,7 @@ def run_distill(args: argparse.Namespace) -> int:
     from training.ensemble import load_models
     from training.train import load_datasets
 
-    missing = [str(p) for p in args.teacher if not p.is_file()]
-    if missing:
-        print(f"seqserve distill: not found: {', '.join(missing)}", file=sys.stderr)
+    if _report_missing("distill", args.teacher):
         return 2
     try:
         model, cfg, src_tok, tgt_tok, _ = load_models(args.teacher, args.combine)
@@ -163,9 +168,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if bundles and len(args.model) > 1:
         print("seqserve eval: give one bundle directory, or one or more checkpoints", file=sys.stderr)
         return 2
-    missing = [str(p) for p in args.model if not p.exists()]
-    if missing:
-        print(f"seqserve eval: not found: {', '.join(missing)}", file=sys.stderr)
+    if _report_missing("eval", args.model, Path.exists):
         return 2
     if bundles:
         from export.pipeline import evaluate_bundle

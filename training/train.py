@@ -5,7 +5,7 @@ Run directory layout (``--out DIR``)::
     config.json      the resolved configuration
     metrics.jsonl    one JSON object per log line (train steps and dev evaluations)
     last.pt          the latest checkpoint (resume point, written every few minutes and each epoch)
-    best.pt          the checkpoint with the best dev WER so far (what ``seqserve export`` takes)
+    best.pt          the checkpoint with the best dev ``train.select_on`` metric so far (what ``seqserve export`` takes)
     epoch-NNN.pt     weights after epoch NNN, the last ``train.keep_checkpoints`` of them (``seqserve average``)
 """
 
@@ -165,7 +165,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
     if found != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a seqserve checkpoint (format {found!r})")
+    state = ckpt.get("state", {})
+    if "best_wer" in state:  # written before train.select_on existed: its best was chosen on dev WER
+        state["best_score"] = state.pop("best_wer")
     return ckpt
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
+    """torch.save through a temporary file beside ``path``: a reader never sees a half-written checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
 
 
 def pick_device(name: str) -> torch.device:
@@ -302,9 +312,7 @@ class Trainer:
     def save(self, name: str) -> None:
         if not self.is_main:
             return
-        tmp = self.out_dir / f".{name}.tmp"
-        torch.save(self.checkpoint(), tmp)
-        tmp.replace(self.out_dir / name)
+        save_checkpoint(self.checkpoint(), self.out_dir / name)
 
     def resume(self) -> bool:
         path = self.out_dir / "last.pt"
@@ -316,8 +324,6 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = dict(ckpt["state"])
-        if "best_wer" in self.state:  # written before train.select_on existed: chosen on dev WER
-            self.state["best_score"] = self.state.pop("best_wer")
         if self.state.get("select_on", "wer") != self.cfg.train.select_on:  # another metric: its best starts afresh
             self.state.update(select_on=self.cfg.train.select_on, best_score=math.inf, bad_epochs=0)
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -522,9 +528,7 @@ class Trainer:
         """Weights after a whole epoch as epoch-NNN.pt; only the newest ``keep`` of them stay."""
         if not self.is_main:
             return
-        tmp = self.out_dir / ".epoch.tmp"
-        torch.save(slim_checkpoint(self.checkpoint()), tmp)
-        tmp.replace(self.out_dir / f"epoch-{epoch:03d}.pt")
+        save_checkpoint(slim_checkpoint(self.checkpoint()), self.out_dir / f"epoch-{epoch:03d}.pt")
         for old in sorted(self.out_dir.glob("epoch-[0-9][0-9][0-9].pt"))[:-keep]:
             old.unlink()
 
