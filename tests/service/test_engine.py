@@ -23,7 +23,8 @@ BOOM = 9  # a source containing this token makes the runtime fail
 class FailingRuntime(TableRuntime):
     def __init__(self) -> None:
         super().__init__(vocab=8, seed=3, eos_bias=-60.0)  # EOS (almost) never: searches run to max_len
-        self.fail_next_step = False
+        self.fail_at_step = 0  # > 0: the n-th decoder step call from now raises
+        self.steps = 0
 
     def encode(self, src: np.ndarray, src_len: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         if (src == BOOM).any():
@@ -31,8 +32,8 @@ class FailingRuntime(TableRuntime):
         return super().encode(src, src_len)
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
-        if self.fail_next_step:
-            self.fail_next_step = False
+        self.steps += 1
+        if self.steps == self.fail_at_step:
             raise RuntimeError("decoder step blew up")
         return super().step(*args, **kwargs)
 
@@ -75,12 +76,11 @@ def test_a_failed_encoder_call_fails_only_its_sources(encoder_thread: bool, capl
 def test_a_failed_decoder_step_fails_the_batch_and_the_worker_goes_on() -> None:
     async def main() -> None:
         rt = FailingRuntime()
+        rt.fail_at_step = 10  # mid-search: the job has taken 9 steps (a timed flag raced a fast fake runtime)
         e = await started(rt)
-        running = asyncio.create_task(e.decode([job([4, 5], max_len=400)]))
-        await asyncio.sleep(0.005)
-        rt.fail_next_step = True
         with pytest.raises(StepFailed):
-            await running
+            await e.decode([job([4, 5], max_len=400)])
+        assert rt.steps == 10
         (after,) = await e.decode([job([5, 6], max_len=5)])
         assert after.search.done
         await e.close()
