@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +25,9 @@ class FailingRuntime(TableRuntime):
     def __init__(self) -> None:
         super().__init__(vocab=8, seed=3, eos_bias=-60.0)  # EOS (almost) never: searches run to max_len
         self.fail_at_step = 0  # > 0: the n-th decoder step call from now raises
+        self.pause_at_step = 0  # > 0: the n-th decoder step call waits (in the worker thread) for `resume`
+        self.paused = threading.Event()
+        self.resume = threading.Event()
         self.steps = 0
 
     def encode(self, src: np.ndarray, src_len: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -33,6 +37,9 @@ class FailingRuntime(TableRuntime):
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
         self.steps += 1
+        if self.steps == self.pause_at_step:
+            self.paused.set()
+            self.resume.wait(timeout=30)
         if self.steps == self.fail_at_step:
             raise RuntimeError("decoder step blew up")
         return super().step(*args, **kwargs)
@@ -57,11 +64,15 @@ async def started(runtime: FailingRuntime, **settings: Any) -> Engine:
 def test_a_failed_encoder_call_fails_only_its_sources(encoder_thread: bool, caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         rt = FailingRuntime()
+        rt.pause_at_step = 5
         e = await started(rt, encoder_thread=encoder_thread)
         long = asyncio.create_task(e.decode([job([4, 5], max_len=400)]))
-        await asyncio.sleep(0.005)  # the long source is running: the bad one joins a running batch
+        assert await asyncio.to_thread(rt.paused.wait, 30)  # the long source is mid-search, held at its 5th step
+        bad = asyncio.create_task(e.decode([job([4, BOOM], max_len=5)]))
+        await asyncio.sleep(0)  # queued while the batch is running: it joins at the next step
+        rt.resume.set()
         with pytest.raises(StepFailed):
-            await e.decode([job([4, BOOM], max_len=5)])
+            await bad
         (done,) = await long
         assert len(done.search.results()[0].tokens) == 400  # the running source was not disturbed
         (after,) = await e.decode([job([5, 6], max_len=5)])  # and the engine still serves
