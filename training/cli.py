@@ -143,6 +143,7 @@ def run_distill(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from training.data import DataError
     from training.train import train
 
     try:
@@ -150,7 +151,11 @@ def run_train(args: argparse.Namespace) -> int:
     except (ConfigError, OSError) as exc:
         print(f"seqserve train: {exc}", file=sys.stderr)
         return 2
-    result = train(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress)
+    try:
+        result = train(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress)
+    except (ConfigError, DataError, OSError) as exc:  # settings the run cannot use, data files that are not there
+        print(f"seqserve train: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result))
     return 0
 

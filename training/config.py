@@ -7,6 +7,7 @@ and (through the manifest) the server.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ SCORES = ("dot", "general", "concat")
 TOKENIZERS = ("char", "word", "sentencepiece")
 COMBINE = ("prob", "logprob")  # how an ensemble combines its members' next-token distributions
 SELECT_ON = ("wer", "nostress_wer", "per", "nostress_per", "loss")  # dev metrics best.pt can be chosen on
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # train.device: auto picks CUDA when torch sees a GPU
 
 
 class ConfigError(ValueError):
@@ -163,6 +165,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     cfg.model.validate()
     if cfg.train.select_on not in SELECT_ON:
         raise ConfigError(f"train.select_on must be one of {SELECT_ON}, got {cfg.train.select_on!r}")
+    if not DEVICE.fullmatch(cfg.train.device):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
     return cfg
 
 

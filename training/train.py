@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from service.text import SPECIALS, Tokenizer, TokenizerSpec, Vocab, extend_source, ids_to_tokens
 from training.average import slim_checkpoint
-from training.config import Config, DataConfig, config_from_dict
+from training.config import Config, ConfigError, DataConfig, config_from_dict
 from training.data import (
     Batch,
     DataError,
@@ -181,7 +181,18 @@ def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ConfigError(
+                f"train.device={name}: torch {torch.__version__} ({build}) sees no CUDA device; "
+                "use train.device=auto or cpu"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"train.device={name}: torch sees {count} CUDA device(s), numbered from 0")
+    return device
 
 
 def seed_everything(seed: int) -> None:

@@ -115,6 +115,26 @@ def test_config_errors_are_clear() -> None:
         load_config(None, ["model.size=3"])
 
 
+def test_train_refuses_devices_and_files_it_cannot_use_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.cli import main
+
+    def run(*overrides: str) -> str:
+        sets = [arg for o in [*TINY, "train.max_steps=1", *overrides] for arg in ("--set", o)]
+        assert main(["train", "--out", str(tmp_path / "run"), "--no-progress", *sets]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("\n") == 1
+        return err
+
+    assert "train.device must be auto, cpu, cuda or cuda:N, got 'tpu'" in run("train.device=tpu")
+    if not torch.cuda.is_available():  # (a machine with a GPU would train here instead)
+        assert "sees no CUDA device; use train.device=auto or cpu" in run("train.device=cuda")
+    missing = str(tmp_path / "absent.dict")
+    assert missing in run("data.dataset=cmudict", f"data.cmudict_file={missing}")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_split_rule_puts_known_words_where_the_rule_says() -> None:
     assert split_key("dog's") == "dog" and split_key("dogs'") == "dogs" and split_key("o'clock") == "o'clock"
     # bucket = int(sha256("cmudict-g2p-v1:" + key)[:8], 16) % 100; < 10 test, 10-14 dev, else train
