@@ -148,12 +148,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ConfigError, OSError) as exc:
-        print(f"seqserve train: {exc}", file=sys.stderr)
-        return 2
-    try:
         result = train(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress)
-    except (ConfigError, DataError, OSError) as exc:  # settings the run cannot use, data files that are not there
+    except (ConfigError, DataError, OSError) as exc:  # bad settings or devices, data or config files not there
         print(f"seqserve train: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result))

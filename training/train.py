@@ -183,7 +183,7 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = torch.cuda.device_count()  # 0 without a GPU or on a CPU-only build
         if count == 0:
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
             raise ConfigError(
