@@ -119,6 +119,9 @@ class TrainConfig:
     init_from: str = ""  # start from this checkpoint's weights (same vocabularies), fresh optimizer
     keep_checkpoints: int = 0  # keep the weights of the last N epochs as epoch-NNN.pt (for `seqserve average`)
     select_on: str = "wer"  # dev metric for best.pt, plateau decay and early stopping (lower is better)
+    teacher: str = ""  # word-level distillation: checkpoint(s), comma-separated, whose distributions are soft targets
+    kd_weight: float = 0.5  # with a teacher: loss = (1 - kd_weight) * NLL + kd_weight * CE(teacher, student)
+    kd_top_k: int = 8  # the teacher's K most probable next tokens are kept per position (renormalised)
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,10 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     cfg.model.validate()
     if cfg.train.select_on not in SELECT_ON:
         raise ConfigError(f"train.select_on must be one of {SELECT_ON}, got {cfg.train.select_on!r}")
+    if not 0.0 <= cfg.train.kd_weight <= 1.0:
+        raise ConfigError(f"train.kd_weight must be in [0, 1], got {cfg.train.kd_weight}")
+    if cfg.train.kd_top_k < 1:
+        raise ConfigError(f"train.kd_top_k must be >= 1, got {cfg.train.kd_top_k}")
     if not DEVICE.fullmatch(cfg.train.device):
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
     return cfg

@@ -142,6 +142,7 @@ class Batch:
     tgt_out: Tensor  # [B, T]
     src_ext: Tensor | None  # [B, S] copy models only
     n_tokens: int
+    index: Tensor | None = None  # [B] the rows' positions in the pair list (set by batches())
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -151,6 +152,7 @@ class Batch:
             self.tgt_out.to(device),
             None if self.src_ext is None else self.src_ext.to(device),
             self.n_tokens,
+            self.index,
         )
 
 
@@ -210,4 +212,6 @@ def batches(
         rng.shuffle(groups)
     usable = len(groups) - len(groups) % world if world > 1 else len(groups)
     for index in range(rank, usable, world):
-        yield make_batch([pairs[i] for i in groups[index]], src_tok, tgt_tok, copy)
+        batch = make_batch([pairs[i] for i in groups[index]], src_tok, tgt_tok, copy)
+        batch.index = torch.tensor(groups[index], dtype=torch.long)
+        yield batch

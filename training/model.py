@@ -328,3 +328,12 @@ def nll_loss(log_probs: Tensor, target: Tensor, pad_id: int, label_smoothing: fl
         smooth = -flat.mean(dim=-1)
         nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
     return (nll * mask).sum() / mask.sum().clamp_min(1)
+
+
+def soft_cross_entropy(log_probs: Tensor, ids: Tensor, probs: Tensor, target: Tensor, pad_id: int) -> Tensor:
+    """Mean cross-entropy per target token from sparse soft targets: -sum_k probs[k] * log_probs[ids[k]];
+    log_probs [B, T, V'], ids / probs [B, T, K] (a teacher's top-K distribution), target [B, T] for the mask."""
+    picked = log_probs.gather(2, ids)  # [B, T, K]
+    ce = -(picked * probs).sum(dim=-1)  # [B, T]
+    mask = target != pad_id
+    return (ce * mask).sum() / mask.sum().clamp_min(1)

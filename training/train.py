@@ -47,7 +47,8 @@ from training.data import (
 )
 from training.decode import beam_search
 from training.evaluate import score
-from training.model import Seq2Seq, StepModel, count_parameters, nll_loss
+from training.model import Seq2Seq, StepModel, count_parameters, nll_loss, soft_cross_entropy
+from training.teacher import Teacher, teacher_paths
 
 CHECKPOINT_FORMAT = 1
 
@@ -276,6 +277,19 @@ class Trainer:
         ]
         self.dropped_pairs = len(pairs) - len(self.pairs)
         self.model = Seq2Seq(cfg.model, len(self.src_tok.vocab), len(self.tgt_tok.vocab)).to(self.device)
+        self.teacher: Teacher | None = None
+        if cfg.train.teacher:  # word-level distillation: the teacher's distributions as soft targets
+            self.teacher = Teacher(
+                teacher_paths(cfg.train.teacher),
+                self.src_tok,
+                self.tgt_tok,
+                self.files,
+                cfg.model.copy,
+                self.device,
+                cfg.train.kd_top_k,
+            )
+            self.data.source["teacher"] = ",".join(Path(p).name for p in self.teacher.paths)
+            self.data.source["teacher_sha256"] = ",".join(self.teacher.sha256)
         self.wrapped: nn.Module = self.model
         if self.world > 1:
             self.wrapped = nn.parallel.DistributedDataParallel(self.model)
@@ -299,7 +313,7 @@ class Trainer:
             return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
         if t.optimizer == "sgd":
             return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
-        raise ValueError(f"train.optimizer must be 'adam' or 'sgd', got {t.optimizer!r}")
+        raise ConfigError(f"train.optimizer must be 'adam' or 'sgd', got {t.optimizer!r}")
 
     # ------------------------------------------------------------ checkpoints
     def checkpoint(self) -> dict[str, Any]:
@@ -331,7 +345,7 @@ class Trainer:
             return False
         ckpt = load_checkpoint(path)
         if ckpt["vocabs"]["src"] != self.src_tok.vocab.itos or ckpt["vocabs"]["tgt"] != self.tgt_tok.vocab.itos:
-            raise ValueError(f"{path} was trained with other vocabularies; use a new --out directory")
+            raise ConfigError(f"{path} was trained with other vocabularies; use a new --out directory")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = dict(ckpt["state"])
@@ -344,9 +358,14 @@ class Trainer:
         return True
 
     def init_weights(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
+        if not path.is_file():
+            raise ConfigError(f"train.init_from: {path} not found")
+        try:
+            ckpt = load_checkpoint(path)
+        except ValueError as exc:
+            raise ConfigError(f"train.init_from: {exc}") from exc
         if ckpt["vocabs"]["src"] != self.src_tok.vocab.itos or ckpt["vocabs"]["tgt"] != self.tgt_tok.vocab.itos:
-            raise ValueError(f"{path} was trained with other vocabularies")
+            raise ConfigError(f"train.init_from: {path} was trained with other vocabularies")
         self.model.load_state_dict(ckpt["model"])
         self.log({"event": "init_from", "path": str(path), "steps_before": ckpt["state"]["step"]})
 
@@ -364,6 +383,11 @@ class Trainer:
         batch = batch.to(self.device)
         log_probs = self.wrapped(batch.src, batch.src_len, batch.tgt_in, batch.src_ext)
         loss = nll_loss(log_probs, batch.tgt_out, pad_id=0, label_smoothing=self.cfg.train.label_smoothing)
+        if self.teacher is not None:
+            ids, probs = self.teacher.targets(batch)
+            kd = soft_cross_entropy(log_probs, ids, probs, batch.tgt_out, pad_id=0)
+            weight = self.cfg.train.kd_weight
+            loss = (1.0 - weight) * loss + weight * kd
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_norm)

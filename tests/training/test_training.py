@@ -115,17 +115,22 @@ def test_config_errors_are_clear() -> None:
         load_config(None, ["model.size=3"])
 
 
+def train_refused(out: Path, capsys: pytest.CaptureFixture[str], *overrides: str) -> str:
+    """`seqserve train` on TINY with overrides must refuse: exit 2, one line on stderr (returned), no traceback."""
+    from training.cli import main
+
+    sets = [arg for o in [*TINY, "train.max_steps=1", *overrides] for arg in ("--set", o)]
+    assert main(["train", "--out", str(out), "--no-progress", *sets]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    return err
+
+
 def test_train_refuses_devices_and_files_it_cannot_use_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from training.cli import main
-
     def run(*overrides: str) -> str:
-        sets = [arg for o in [*TINY, "train.max_steps=1", *overrides] for arg in ("--set", o)]
-        assert main(["train", "--out", str(tmp_path / "run"), "--no-progress", *sets]) == 2
-        err = capsys.readouterr().err
-        assert "Traceback" not in err and err.count("\n") == 1
-        return err
+        return train_refused(tmp_path / "run", capsys, *overrides)
 
     assert "train.device must be auto, cpu, cuda or cuda:N, got 'tpu'" in run("train.device=tpu")
     if not torch.cuda.is_available():  # (a machine with a GPU would train here instead)
