@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from training.config import Config
 from training.data import Example, make_batch
 from training.decode import beam_search
 from training.ensemble import load_models
-from training.evaluate import score
+from training.evaluate import calibration, score
 from training.model import StepModel
 from training.train import load_datasets
 
@@ -181,12 +182,17 @@ def evaluate_bundle(
             {j.tag: j for j in decode_all(bundle.runtime, jobs[s : s + chunk], copy=bundle.copy, pad_id=bundle.pad)}
         )
     seconds = time.perf_counter() - start
-    hyps = []
+    hyps, log_probs = [], []
     for i, ex in enumerate(examples):
         outs = bundle.outputs(done[i], bundle.source_tokens(ex.src))
         hyps.append(outs[0].tokens if outs else [])
+        log_probs.append(outs[0].log_prob if outs else -math.inf)
     refs = [[bundle.tgt_tok.tokenize(r) for r in ex.refs] for ex in examples]
-    result = score(hyps, refs, stress=True).as_dict() | score(hyps, refs, stress=False).as_dict("nostress_")
+    result = (
+        score(hyps, refs, stress=True).as_dict()
+        | score(hyps, refs, stress=False).as_dict("nostress_")
+        | calibration(log_probs, hyps, refs)
+    )
     return result, seconds
 
 

@@ -126,7 +126,7 @@ def run_distill(args: argparse.Namespace) -> int:
         print(f"seqserve distill: {exc}", file=sys.stderr)
         return 2
     start = time.monotonic()
-    hyps = _decode(args, model, train, src_tok, tgt_tok)
+    hyps = [tokens for tokens, _ in _decode(args, model, train, src_tok, tgt_tok)]
     lines = [f"{ex.src}\t{' '.join(h)}\n" for ex, h in zip(train, hyps, strict=True) if h]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
@@ -196,33 +196,41 @@ def run_eval(args: argparse.Namespace) -> int:
     print(
         f"{args.split}: {len(examples)} words, beam {args.beam}: "
         f"WER {100 * result['wer']:.2f}% PER {100 * result['per']:.2f}% | "
-        f"without stress: WER {100 * result['nostress_wer']:.2f}% PER {100 * result['nostress_per']:.2f}%"
+        f"without stress: WER {100 * result['nostress_wer']:.2f}% PER {100 * result['nostress_per']:.2f}%\n"
+        f"best hypothesis: mean probability {result['confidence']:.3f} against {100 * (1 - result['wer']):.2f}% "
+        f"right (with stress); expected calibration error {100 * result['ece']:.2f}%"
     )
     return 0
 
 
 def _eval_checkpoints(args: argparse.Namespace, examples: list[Example]) -> dict[str, float]:
     from training.ensemble import load_models
-    from training.evaluate import score
+    from training.evaluate import calibration, score
 
     try:
         model, _, src_tok, tgt_tok, _ = load_models(args.model, args.combine)
     except ValueError as exc:  # not a seqserve checkpoint; models that cannot form an ensemble
         raise UsageError(str(exc)) from exc
-    hyps = _decode(args, model, examples, src_tok, tgt_tok)
+    scored = _decode(args, model, examples, src_tok, tgt_tok)
+    hyps = [tokens for tokens, _ in scored]
     refs = [[tgt_tok.tokenize(r) for r in ex.refs] for ex in examples]
-    return score(hyps, refs, stress=True).as_dict() | score(hyps, refs, stress=False).as_dict("nostress_")
+    return (
+        score(hyps, refs, stress=True).as_dict()
+        | score(hyps, refs, stress=False).as_dict("nostress_")
+        | calibration([lp for _, lp in scored], hyps, refs)
+    )
 
 
 def _decode(
     args: argparse.Namespace, model: StepModel, examples: list[Example], src_tok: Tokenizer, tgt_tok: Tokenizer
-) -> list[list[str]]:
-    """The torch reference search over examples on the CPU, with the command's --beam/--batch-size/--max-len."""
+) -> list[tuple[list[str], float]]:
+    """The torch reference search over examples on the CPU, with the command's --beam/--batch-size/--max-len:
+    each example's best hypothesis and its log-probability."""
     import torch
 
-    from training.train import decode_examples
+    from training.train import decode_scored
 
-    return decode_examples(
+    return decode_scored(
         model,
         examples,
         src_tok,

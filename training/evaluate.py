@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,3 +51,24 @@ def score(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]]
         len_total += best_len
     n = max(len(hyps), 1)
     return Scores(words=len(hyps), wer=errors / n, per=dist_total / max(len_total, 1))
+
+
+def calibration(
+    log_probs: Sequence[float], hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]], bins: int = 10
+) -> dict[str, float]:
+    """How well the best hypothesis's probability exp(log_prob) predicts that it matches a reference exactly (with
+    stress: the probability is the model's for that exact sequence). ``confidence``: the mean probability;
+    ``ece``: the expected calibration error over ``bins`` equal-width probability bins (Guo et al. 2017), the
+    words-weighted mean of |mean probability - share right| per bin: 0 for a perfectly calibrated model."""
+    if not len(log_probs) == len(hyps) == len(refs):
+        raise ValueError(f"{len(log_probs)} scores, {len(hyps)} hypotheses, {len(refs)} reference sets")
+    count, prob_sum, right = [0] * bins, [0.0] * bins, [0] * bins
+    for log_prob, hyp, ref_set in zip(log_probs, hyps, refs, strict=True):
+        p = math.exp(log_prob) if log_prob > -math.inf else 0.0
+        k = min(int(p * bins), bins - 1)
+        count[k] += 1
+        prob_sum[k] += p
+        right[k] += any(list(hyp) == list(r) for r in ref_set)
+    n = max(len(hyps), 1)
+    ece = sum(abs(prob_sum[k] - right[k]) for k in range(bins)) / n
+    return {"confidence": sum(prob_sum) / n, "ece": ece}

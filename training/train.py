@@ -46,7 +46,7 @@ from training.data import (
     training_pairs,
 )
 from training.decode import beam_search
-from training.evaluate import score
+from training.evaluate import calibration, score
 from training.model import Seq2Seq, StepModel, count_parameters, nll_loss, soft_cross_entropy
 from training.teacher import Teacher, teacher_paths
 
@@ -201,7 +201,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def decode_examples(
+def decode_scored(
     model: StepModel,
     examples: Sequence[Example],
     src_tok: Tokenizer,
@@ -213,11 +213,11 @@ def decode_examples(
     length_penalty: str = "none",
     alpha: float = 0.0,
     progress: bool = False,
-) -> list[list[str]]:
-    """Best hypothesis (token strings) for each example, decoded with the torch reference search."""
+) -> list[tuple[list[str], float]]:
+    """Best hypothesis of each example and its log-probability (-inf when the search found none)."""
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].src))
-    out: list[list[str]] = [[] for _ in examples]
+    out: list[tuple[list[str], float]] = [([], -math.inf) for _ in examples]
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="decode", disable=not progress, unit="batch"):
         idx = order[start : start + batch_size]
@@ -234,8 +234,8 @@ def decode_examples(
             src_ext=batch.src_ext,
         )
         for i, h in zip(idx, hyps, strict=True):
-            src_tokens = src_tok.tokenize(examples[i].src)
-            out[i] = output_tokens(h[0].tokens if h else (), tgt_tok, src_tokens)
+            if h:
+                out[i] = (output_tokens(h[0].tokens, tgt_tok, src_tok.tokenize(examples[i].src)), h[0].log_prob)
     return out
 
 
@@ -418,7 +418,7 @@ class Trainer:
             lp = self.model(b.src, b.src_len, b.tgt_in, b.src_ext)
             total += float(nll_loss(lp, b.tgt_out, 0)) * b.n_tokens
             tokens += b.n_tokens
-        hyps = decode_examples(
+        scored = decode_scored(
             self.model,
             dev,
             self.src_tok,
@@ -427,10 +427,12 @@ class Trainer:
             beam=self.cfg.train.eval_beam,
             max_len=self.cfg.data.max_tgt_len,
         )
+        hyps = [tokens for tokens, _ in scored]
         refs = [[self.tgt_tok.tokenize(r) for r in ex.refs] for ex in dev]
         out = {"dev_loss": total / max(tokens, 1)}
         out.update(score(hyps, refs, stress=True).as_dict("dev_"))
         out.update(score(hyps, refs, stress=False).as_dict("dev_nostress_"))
+        out.update({f"dev_{k}": v for k, v in calibration([lp for _, lp in scored], hyps, refs).items()})
         return out
 
     def set_lr(self, lr: float) -> None:

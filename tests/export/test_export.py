@@ -89,6 +89,7 @@ def test_int8_bundle_records_quality_and_speed(tmp_path: Path) -> None:
     )
     q = manifest.quantization
     assert set(q["delta"]) >= {"wer", "per", "nostress_wer", "nostress_per"}
+    assert 0.0 < q["int8"]["confidence"] <= 1.0 and 0.0 <= q["int8"]["ece"] <= 1.0
     assert q["speedup"] > 0 and q["size_bytes"]["int8"] < q["size_bytes"]["fp32"]
     assert manifest.parity["enforced"] is False
     ops = {n.op_type for n in onnx.load(str(target / "decoder_step.onnx")).graph.node}

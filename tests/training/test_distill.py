@@ -13,7 +13,7 @@ from training.cli import main
 from training.config import load_config
 from training.data import DataError
 from training.ensemble import load_models
-from training.train import Trainer, decode_examples, load_datasets
+from training.train import Trainer, decode_scored, load_datasets
 
 
 def teacher(tmp_path: Path) -> Path:
@@ -28,7 +28,8 @@ def test_distill_writes_the_teachers_output_for_every_training_source(tmp_path: 
     assert main(["distill", str(ckpt), "--beam", "2", "--out", str(out)]) == 0
     model, cfg, src_tok, tgt_tok, _ = load_models([ckpt])
     train = load_datasets(cfg.data, cfg.train.seed).train
-    expected = decode_examples(model, train, src_tok, tgt_tok, torch.device("cpu"), beam=2, batch_size=256)
+    scored = decode_scored(model, train, src_tok, tgt_tok, torch.device("cpu"), beam=2, batch_size=256)
+    expected = [h for h, _ in scored]
     written = [tuple(line.split("\t")) for line in out.read_text().splitlines()]
     assert written == [(ex.src, " ".join(h)) for ex, h in zip(train, expected, strict=True)]  # in split order
     assert any(hyp not in ex.refs for (_, hyp), ex in zip(written, train, strict=True))  # a teacher, not a copy

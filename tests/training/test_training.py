@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import torch
 
 from training.config import ConfigError, load_config
 from training.data import Example, read_cmudict, split_key, split_of
-from training.evaluate import score
+from training.evaluate import calibration, score
 from training.train import Trainer, build_tokenizers, load_datasets
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,6 +172,23 @@ def test_scoring_wer_per_and_stress() -> None:
     assert with_stress.wer == 0.5 and with_stress.per == pytest.approx(1 / 7)
     without = score(hyps, refs, stress=False)
     assert without.wer == 0.0 and without.per == 0.0
+
+
+def test_calibration_compares_the_best_hypothesis_probability_with_how_often_it_is_right() -> None:
+    right, wrong = ["K", "AE1", "T"], ["K", "AE2", "T"]
+    refs = [[right]] * 20
+    # 10 words at p = 0.95 of which 5 are right (bin 0.9-1.0: 0.45 off), 10 at p = 0.35 of which 3 or 4 are right
+    hyps = [right] * 5 + [wrong] * 5 + [right] * 4 + [wrong] * 6
+    log_probs = [math.log(0.95)] * 10 + [math.log(0.35)] * 10
+    result = calibration(log_probs, hyps, refs)
+    assert result["confidence"] == pytest.approx(0.65)
+    assert result["ece"] == pytest.approx((10 * 0.45 + 10 * 0.05) / 20)
+    calibrated = calibration([math.log(0.5)] * 4, [right, wrong, right, wrong], [[right]] * 4)
+    assert calibrated["ece"] == pytest.approx(0.0, abs=1e-12)
+    nothing = calibration([-math.inf], [[]], [[right]])  # no hypothesis: probability 0, and wrong
+    assert nothing == {"confidence": 0.0, "ece": 0.0}
+    with pytest.raises(ValueError, match="1 scores, 2 hypotheses"):
+        calibration([0.0], [right, right], [[right], [right]])
 
 
 @pytest.mark.parametrize("kind", ["char", "word", "sentencepiece"])
