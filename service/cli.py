@@ -178,7 +178,7 @@ def _torch_side(module: str, func: str, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from export.cli import add_export_args
-    from training.cli import add_average_args, add_distill_args, add_eval_args, add_train_args
+    from training.cli import add_average_args, add_calibrate_args, add_distill_args, add_eval_args, add_train_args
 
     parser = argparse.ArgumentParser(prog="seqserve", description="Serve recurrent seq2seq models over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_distill_args(
         sub.add_parser("distill", help="write a teacher's outputs for the training split (needs seqserve[train])")
+    )
+    add_calibrate_args(
+        sub.add_parser(
+            "calibrate", help="fit a temperature on the dev split for calibrated probabilities (needs seqserve[train])"
+        )
     )
     add_export_args(sub.add_parser("export", help="export a checkpoint to a bundle (needs seqserve[train])"))
     return parser
@@ -211,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": ("training.cli", "run_eval"),
         "average": ("training.cli", "run_average"),
         "distill": ("training.cli", "run_distill"),
+        "calibrate": ("training.cli", "run_calibrate"),
         "export": ("export.cli", "run_export"),
     }
     module, func = torch_side[args.command]

@@ -103,6 +103,33 @@ def run_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="a trained checkpoint (best.pt, an averaged one, ...)")
+    p.add_argument("--out", type=Path, required=True, help="the calibrated checkpoint to write (weights only)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="dev pairs per torch batch")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Temperature scaling: fit T on the dev split, write a copy of the checkpoint with model.temperature = T."""
+    from training.calibrate import calibrate_file
+
+    if _report_missing("calibrate", [args.checkpoint]):
+        return 2
+    start = time.monotonic()
+    try:
+        record = calibrate_file(args.checkpoint, args.out, args.batch_size, progress=True)
+    except ValueError as exc:  # unreadable checkpoint, data set missing, --out onto the input
+        print(f"seqserve calibrate: {exc}", file=sys.stderr)
+        return 2
+    before, after = record["dev_nll"]
+    print(
+        f"seqserve calibrate: temperature {record['previous_temperature']:.3g} -> {record['temperature']:.3f}, "
+        f"dev NLL per token {before:.4f} -> {after:.4f} ({record['dev_words']} words, {record['dev_pairs']} pairs, "
+        f"{time.monotonic() - start:.0f} s) -> {args.out}"
+    )
+    return 0
+
+
 def add_distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("teacher", type=Path, nargs="+", help="the teacher: a checkpoint, or several (an ensemble)")
     p.add_argument("--out", type=Path, required=True, help="TSV to write: training source<TAB>teacher output")
@@ -250,8 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_args(sub.add_parser("eval"))
     add_average_args(sub.add_parser("average"))
     add_distill_args(sub.add_parser("distill"))
+    add_calibrate_args(sub.add_parser("calibrate"))
     args = parser.parse_args(argv)
-    runners = {"train": run_train, "eval": run_eval, "average": run_average, "distill": run_distill}
+    runners = {
+        "train": run_train,
+        "eval": run_eval,
+        "average": run_average,
+        "distill": run_distill,
+        "calibrate": run_calibrate,
+    }
     return runners[args.command](args)
 
 

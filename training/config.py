@@ -46,6 +46,7 @@ class ModelConfig:
     forget_bias: float = 1.0  # LSTM forget-gate bias at initialisation (0 keeps the default)
     tie_embeddings: bool = False
     copy: bool = False
+    temperature: float = 1.0  # logits / T before the softmax; fitted after training by `seqserve calibrate`
 
     def validate(self) -> None:
         if self.cell not in CELLS:
@@ -57,6 +58,8 @@ class ModelConfig:
         for name in ("emb_size", "enc_hidden", "enc_layers", "dec_hidden", "dec_layers", "attn_hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1")
+        if not 0.0 < self.temperature < float("inf"):
+            raise ConfigError(f"model.temperature must be a positive number, got {self.temperature}")
         if self.local_window < 1:
             raise ConfigError("model.local_window must be >= 1")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.emb_dropout < 1.0:

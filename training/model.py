@@ -245,6 +245,8 @@ class Seq2Seq(nn.Module):
     ) -> Tensor:
         """-> log-probabilities [B, T, V] (copy: [B, T, V + S] over the extended vocabulary)."""
         logits = self.out(attn_state)  # [B, T, V]
+        if self.cfg.temperature != 1.0:  # calibrated confidences (seqserve calibrate); argmax unchanged
+            logits = logits / self.cfg.temperature
         if not self.cfg.copy:
             return torch.log_softmax(logits, dim=-1)
         assert src_ext is not None, "copy models need src_ext"

@@ -163,6 +163,8 @@ class Manifest:
             extras.append("reversed source")
         if a.get("copy"):
             extras.append("copy")
+        if a.get("temperature", 1.0) != 1.0:
+            extras.append(f"temperature {a['temperature']:.3g}")
         return f"{enc} -> {dec}, " + ", ".join(extras)
 
 

@@ -47,6 +47,7 @@ ARCHITECTURES = {
     "tied-embeddings": ["model.tie_embeddings=true", "model.emb_size=32"],
     "copy": ["model.copy=true", "data.shared_vocab=true"],
     "no-forget-bias": ["model.forget_bias=0.0", "model.dropout=0.0", "model.emb_dropout=0.0"],
+    "temperature": ["model.temperature=2.5"],  # what seqserve calibrate sets; export must carry it
 }
 
 
