@@ -9,11 +9,14 @@ checkpoint that ``seqserve eval`` and ``seqserve export`` take like ``best.pt``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from training.config import ModelConfig
 
 
 class AverageError(ValueError):
@@ -25,14 +28,21 @@ def slim_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ckpt.items() if k not in ("optimizer", "rng")}
 
 
+def _model_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's model config with defaults filled in (older checkpoints lack newer keys)."""
+    return dataclasses.asdict(ModelConfig(**ckpt["config"]["model"]))
+
+
 def average_checkpoints(checkpoints: Sequence[dict[str, Any]], paths: Sequence[str]) -> dict[str, Any]:
     """The first checkpoint with its weights replaced by the mean of all checkpoints' weights."""
     if not checkpoints:
         raise AverageError("give at least one checkpoint")
     first = checkpoints[0]
     for path, ckpt in zip(paths[1:], checkpoints[1:], strict=True):
-        if ckpt["config"]["model"] != first["config"]["model"]:
-            raise AverageError(f"{path} has a different model architecture than {paths[0]}")
+        mine, theirs = _model_settings(ckpt), _model_settings(first)
+        if mine != theirs:  # (a calibrated copy differs from its run's epochs in temperature only)
+            differing = ", ".join(sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)))
+            raise AverageError(f"{path} has a different model architecture than {paths[0]} ({differing})")
         if ckpt["vocabs"] != first["vocabs"] or ckpt["tokenizers"] != first["tokenizers"]:
             raise AverageError(f"{path} has different tokenizers or vocabularies than {paths[0]}")
         if ckpt["files"] != first["files"]:

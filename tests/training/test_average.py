@@ -62,8 +62,14 @@ def test_average_of_one_checkpoint_is_that_checkpoint(tmp_path: Path) -> None:
 def test_different_architectures_are_refused(tmp_path: Path) -> None:
     a = load_checkpoint(run(tmp_path / "a", ["train.epochs=1"]) / "best.pt")
     b = load_checkpoint(run(tmp_path / "b", ["train.epochs=1", "model.dec_hidden=24"]) / "best.pt")
-    with pytest.raises(AverageError, match="different model architecture"):
+    with pytest.raises(AverageError, match=r"different model architecture than a\.pt \(dec_hidden\)"):
         average_checkpoints([a, b], ["a.pt", "b.pt"])
+    calibrated = {**a, "config": {**a["config"], "model": {**a["config"]["model"], "temperature": 2.0}}}
+    with pytest.raises(AverageError, match=r"\(temperature\)"):
+        average_checkpoints([a, calibrated], ["a.pt", "calibrated.pt"])
+    older = {**a, "config": {**a["config"], "model": dict(a["config"]["model"])}}
+    del older["config"]["model"]["temperature"]  # saved before model.temperature existed: the default, 1
+    average_checkpoints([a, older], ["a.pt", "older.pt"])
 
 
 def test_cli_reports_missing_and_unreadable_files_in_one_line(
