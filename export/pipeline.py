@@ -26,7 +26,7 @@ from training.config import Config
 from training.data import Example, make_batch
 from training.decode import beam_search
 from training.ensemble import load_models
-from training.evaluate import calibration, score
+from training.evaluate import evaluate_hypotheses
 from training.model import StepModel
 from training.train import load_datasets
 
@@ -188,12 +188,7 @@ def evaluate_bundle(
         hyps.append(outs[0].tokens if outs else [])
         log_probs.append(outs[0].log_prob if outs else -math.inf)
     refs = [[bundle.tgt_tok.tokenize(r) for r in ex.refs] for ex in examples]
-    result = (
-        score(hyps, refs, stress=True).as_dict()
-        | score(hyps, refs, stress=False).as_dict("nostress_")
-        | calibration(log_probs, hyps, refs)
-    )
-    return result, seconds
+    return evaluate_hypotheses(hyps, log_probs, refs), seconds
 
 
 def quantize_bundle(src_dir: Path, dst_dir: Path) -> None:

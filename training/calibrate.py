@@ -16,29 +16,24 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from training.average import slim_checkpoint
 from training.config import ConfigError
 from training.data import Batch, batches, training_pairs
-from training.model import Seq2Seq, nll_loss
+from training.model import Seq2Seq
 
 SEARCH_RANGE = (0.05, 20.0)  # temperatures considered
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
-@torch.no_grad()
 def mean_nll(model: Seq2Seq, data: list[Batch], temperature: float) -> float:
-    """Teacher-forced negative log-likelihood per target token with the logits divided by ``temperature``."""
+    """Teacher-forced negative log-likelihood per target token with the logits divided by ``temperature`` (the model
+    keeps that temperature afterwards)."""
+    from training.train import mean_token_nll
+
     model.cfg = dataclasses.replace(model.cfg, temperature=temperature)
-    model.eval()
-    total, tokens = 0.0, 0
-    for b in data:
-        log_probs = model(b.src, b.src_len, b.tgt_in, b.src_ext)
-        total += float(nll_loss(log_probs, b.tgt_out, 0)) * b.n_tokens
-        tokens += b.n_tokens
-    return total / max(tokens, 1)
+    return mean_token_nll(model, data)
 
 
 def fit_temperature(model: Seq2Seq, data: list[Batch], tol: float = 1e-3, progress: bool = False) -> float:

@@ -232,7 +232,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _eval_checkpoints(args: argparse.Namespace, examples: list[Example]) -> dict[str, float]:
     from training.ensemble import load_models
-    from training.evaluate import calibration, score
+    from training.evaluate import evaluate_hypotheses
 
     try:
         model, _, src_tok, tgt_tok, _ = load_models(args.model, args.combine)
@@ -241,11 +241,7 @@ def _eval_checkpoints(args: argparse.Namespace, examples: list[Example]) -> dict
     scored = _decode(args, model, examples, src_tok, tgt_tok)
     hyps = [tokens for tokens, _ in scored]
     refs = [[tgt_tok.tokenize(r) for r in ex.refs] for ex in examples]
-    return (
-        score(hyps, refs, stress=True).as_dict()
-        | score(hyps, refs, stress=False).as_dict("nostress_")
-        | calibration([lp for _, lp in scored], hyps, refs)
-    )
+    return evaluate_hypotheses(hyps, [lp for _, lp in scored], refs)
 
 
 def _decode(

@@ -126,17 +126,26 @@ class Ensemble(nn.Module):
         return combined, new_states, torch.cat(new_feeds, dim=-1), attention, position
 
 
+def tokenization_difference(ckpt: dict[str, Any], other: dict[str, Any]) -> str:
+    """What makes two checkpoints (their ``tokenizers``, ``vocabs`` and ``files``) tokenize differently, e.g.
+    "target tokenizer or vocabulary" or "source SentencePiece model"; "" when they tokenize identically."""
+    for side in ("src", "tgt"):
+        name = "source" if side == "src" else "target"
+        if ckpt["tokenizers"][side] != other["tokenizers"][side] or ckpt["vocabs"][side] != other["vocabs"][side]:
+            return f"{name} tokenizer or vocabulary"
+        model_file = ckpt["tokenizers"][side].get("model")
+        if model_file and ckpt["files"].get(model_file) != other["files"].get(model_file):
+            return f"{name} SentencePiece model"
+    return ""
+
+
 def check_compatible(checkpoints: Sequence[dict[str, Any]], paths: Sequence[str]) -> None:
     """Members must tokenize identically: the same tokenizer specs, vocabularies and SentencePiece models."""
     first = checkpoints[0]
     for path, ckpt in zip(paths[1:], checkpoints[1:], strict=True):
-        for side in ("src", "tgt"):
-            name = "source" if side == "src" else "target"
-            if ckpt["tokenizers"][side] != first["tokenizers"][side] or ckpt["vocabs"][side] != first["vocabs"][side]:
-                raise EnsembleError(f"{path} has a different {name} tokenizer or vocabulary than {paths[0]}")
-            model_file = ckpt["tokenizers"][side].get("model")
-            if model_file and ckpt["files"].get(model_file) != first["files"].get(model_file):
-                raise EnsembleError(f"{path} has a different {name} SentencePiece model than {paths[0]}")
+        difference = tokenization_difference(ckpt, first)
+        if difference:
+            raise EnsembleError(f"{path} has a different {difference} than {paths[0]}")
         for key in ("max_src_len", "max_tgt_len"):
             if ckpt["config"]["data"][key] != first["config"]["data"][key]:
                 raise EnsembleError(f"{path} was trained with a different data.{key} than {paths[0]}")

@@ -72,3 +72,18 @@ def calibration(
     n = max(len(hyps), 1)
     ece = sum(abs(prob_sum[k] - right[k]) for k in range(bins)) / n
     return {"confidence": sum(prob_sum) / n, "ece": ece}
+
+
+def evaluate_hypotheses(
+    hyps: Sequence[Sequence[str]],
+    log_probs: Sequence[float],
+    refs: Sequence[Sequence[Sequence[str]]],
+    prefix: str = "",
+) -> dict[str, float]:
+    """Everything ``seqserve eval`` reports about best hypotheses, as one flat dict: ``wer``, ``per``, ``words``,
+    the same with stress removed (``nostress_...``), ``confidence`` and ``ece``; each key after ``prefix``."""
+    return (
+        score(hyps, refs, stress=True).as_dict(prefix)
+        | score(hyps, refs, stress=False).as_dict(f"{prefix}nostress_")
+        | {f"{prefix}{k}": v for k, v in calibration(log_probs, hyps, refs).items()}
+    )

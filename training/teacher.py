@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from service.text import Tokenizer
 from training.config import ConfigError
 from training.data import Batch, file_sha256
+from training.ensemble import tokenization_difference
 from training.model import Seq2Seq
 
 
@@ -33,14 +34,13 @@ def teacher_paths(spec: str) -> list[str]:
 
 
 class Teacher:
-    """Soft targets from one or more trained models; rows are cached by training-pair index."""
+    """Soft targets from one or more trained models; rows are cached by training-pair index. ``tokenization`` is the
+    student run's (``Trainer.tokenization()``): every teacher must tokenize the same way."""
 
     def __init__(
         self,
         paths: Sequence[str],
-        src_tok: Tokenizer,
-        tgt_tok: Tokenizer,
-        files: dict[str, bytes],
+        tokenization: dict[str, Any],
         copy: bool,
         device: torch.device,
         top_k: int,
@@ -51,7 +51,6 @@ class Teacher:
             raise ConfigError("train.teacher names no checkpoint")
         self.paths = list(paths)
         self.top_k = top_k
-        self.device = device
         self.members: list[Seq2Seq] = []
         for path in self.paths:
             if not Path(path).is_file():
@@ -60,19 +59,12 @@ class Teacher:
                 ckpt = load_checkpoint(path)
             except ValueError as exc:
                 raise ConfigError(f"train.teacher: {exc}") from exc
-            for side, tok in (("src", src_tok), ("tgt", tgt_tok)):
-                spec = ckpt["tokenizers"][side]
-                model_file = spec.get("model")
-                if (
-                    spec != tok.spec.to_dict()
-                    or ckpt["vocabs"][side] != tok.vocab.itos
-                    or (model_file and ckpt["files"].get(model_file) != files.get(model_file))
-                ):
-                    name = "source" if side == "src" else "target"
-                    raise ConfigError(
-                        f"train.teacher: {path} has a different {name} tokenizer or vocabulary than this run's data; "
-                        "a teacher must be trained on the same data set and tokenizer settings"
-                    )
+            difference = tokenization_difference(ckpt, tokenization)
+            if difference:
+                raise ConfigError(
+                    f"train.teacher: {path} has a different {difference} than this run's data; "
+                    "a teacher must be trained on the same data set and tokenizer settings"
+                )
             with torch.random.fork_rng(devices=[]):  # building it must not move the student's random stream
                 model = model_from_checkpoint(ckpt)[0]
             if model.uses_copy != copy:
@@ -83,7 +75,7 @@ class Teacher:
             self.members.append(model.to(device).eval())
         self.sha256 = [file_sha256(Path(p)) for p in self.paths]
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}  # pair index -> ids [T, K] int32, probs [T, K] fp16
-        self.computed_rows = 0  # rows the teacher has read (tests and logs: each pair once)
+        self.computed_rows = 0  # rows the teacher has read: each training pair once (tests check it)
 
     @torch.no_grad()
     def distributions(self, batch: Batch) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ import os
 import pickle
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from training.data import (
     training_pairs,
 )
 from training.decode import beam_search
-from training.evaluate import calibration, score
+from training.evaluate import evaluate_hypotheses
 from training.model import Seq2Seq, StepModel, count_parameters, nll_loss, soft_cross_entropy
 from training.teacher import Teacher, teacher_paths
 
@@ -201,6 +201,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@torch.no_grad()
+def mean_token_nll(model: Seq2Seq, data: Iterable[Batch], device: torch.device | None = None) -> float:
+    """Teacher-forced negative log-likelihood per target token over batches (eval mode; moved to ``device``)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in data:
+        b = batch if device is None else batch.to(device)
+        log_probs = model(b.src, b.src_len, b.tgt_in, b.src_ext)
+        total += float(nll_loss(log_probs, b.tgt_out, 0)) * b.n_tokens
+        tokens += b.n_tokens
+    return total / max(tokens, 1)
+
+
 def decode_scored(
     model: StepModel,
     examples: Sequence[Example],
@@ -280,13 +293,7 @@ class Trainer:
         self.teacher: Teacher | None = None
         if cfg.train.teacher:  # word-level distillation: the teacher's distributions as soft targets
             self.teacher = Teacher(
-                teacher_paths(cfg.train.teacher),
-                self.src_tok,
-                self.tgt_tok,
-                self.files,
-                cfg.model.copy,
-                self.device,
-                cfg.train.kd_top_k,
+                teacher_paths(cfg.train.teacher), self.tokenization(), cfg.model.copy, self.device, cfg.train.kd_top_k
             )
             self.data.source["teacher"] = ",".join(Path(p).name for p in self.teacher.paths)
             self.data.source["teacher_sha256"] = ",".join(self.teacher.sha256)
@@ -323,15 +330,21 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "state": dict(self.state),
-            "vocabs": {"src": self.src_tok.vocab.itos, "tgt": self.tgt_tok.vocab.itos},
-            "tokenizers": {"src": self.src_tok.spec.to_dict(), "tgt": self.tgt_tok.spec.to_dict()},
-            "files": self.files,
+            **self.tokenization(),
             "data": self.data.source,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             },
+        }
+
+    def tokenization(self) -> dict[str, Any]:
+        """How this run tokenizes, as a checkpoint records it: ``vocabs``, ``tokenizers``, ``files``."""
+        return {
+            "vocabs": {"src": self.src_tok.vocab.itos, "tgt": self.tgt_tok.vocab.itos},
+            "tokenizers": {"src": self.src_tok.spec.to_dict(), "tgt": self.tgt_tok.spec.to_dict()},
+            "files": self.files,
         }
 
     def save(self, name: str) -> None:
@@ -409,15 +422,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.model.eval()
         dev = self.data.dev
-        total, tokens = 0.0, 0
         pairs = training_pairs(dev)
-        for batch in batches(pairs, 256, self.src_tok, self.tgt_tok, self.cfg.model.copy, seed=0, shuffle=False):
-            b = batch.to(self.device)
-            lp = self.model(b.src, b.src_len, b.tgt_in, b.src_ext)
-            total += float(nll_loss(lp, b.tgt_out, 0)) * b.n_tokens
-            tokens += b.n_tokens
+        dev_batches = batches(pairs, 256, self.src_tok, self.tgt_tok, self.cfg.model.copy, seed=0, shuffle=False)
+        out = {"dev_loss": mean_token_nll(self.model, dev_batches, self.device)}
         scored = decode_scored(
             self.model,
             dev,
@@ -429,10 +437,7 @@ class Trainer:
         )
         hyps = [tokens for tokens, _ in scored]
         refs = [[self.tgt_tok.tokenize(r) for r in ex.refs] for ex in dev]
-        out = {"dev_loss": total / max(tokens, 1)}
-        out.update(score(hyps, refs, stress=True).as_dict("dev_"))
-        out.update(score(hyps, refs, stress=False).as_dict("dev_nostress_"))
-        out.update({f"dev_{k}": v for k, v in calibration([lp for _, lp in scored], hyps, refs).items()})
+        out.update(evaluate_hypotheses(hyps, [lp for _, lp in scored], refs, prefix="dev_"))
         return out
 
     def set_lr(self, lr: float) -> None:
