@@ -12,13 +12,10 @@ from sharing its per-request fixed costs (gRPC, scheduling), not from the model 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import time
 from pathlib import Path
 
-from bench.serving import ROOT, bare_onnxruntime_cost, batched_cost_per_word, test_words
+from bench.serving import bare_onnxruntime_cost, batched_cost_per_word, per_bundle_main
 from service.runtime.bundle import Bundle
 
 
@@ -38,29 +35,20 @@ def measure(bundle_dir: Path, words: list[str], single: int, beam: int) -> dict[
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundles", type=Path, nargs="+", help="bundle directories REPO/NAME/VERSION")
-    p.add_argument("--words", type=int, default=400, help="CMUdict test words for the batched decode")
-    p.add_argument("--single-words", type=int, default=60, help="of those, words timed one at a time")
-    p.add_argument("--beam", type=int, default=5)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "batching-gain.json")
-    args = p.parse_args()
-    words = test_words(args.words, args.seed)
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    results = []
-    for bundle_dir in args.bundles:
-        r = measure(bundle_dir, words, args.single_words, args.beam)
-        print(
+    def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--single-words", type=int, default=60, help="of those, words timed one at a time")
+
+    return per_bundle_main(
+        __doc__.splitlines()[0] if __doc__ else "",
+        "batching-gain.json",
+        400,
+        add_args,
+        lambda bundle_dir, words, args: measure(bundle_dir, words, args.single_words, args.beam),
+        lambda r: (
             f"{r['bundle']}: one word {r['bare_one_word_ms']} ms bare, batched {r['batched_64_ms_per_word']} ms "
-            f"per word: batching gains {r['gain']}x",
-            flush=True,
-        )
-        results.append(r)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"started": started, "machine": platform.processor() or platform.machine(), "beam": args.beam}
-    args.out.write_text(json.dumps(record | {"words": args.words, "results": results}, indent=2) + "\n")
-    return 0
+            f"per word: batching gains {r['gain']}x"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def per_bundle_main(
+    description: str,
+    out_name: str,
+    words: int,
+    add_args: Callable[[argparse.ArgumentParser], None],
+    measure: Callable[[Path, list[str], argparse.Namespace], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+) -> int:
+    """The command line of an offline per-bundle benchmark (bench.batching_gain, bench.rescoring): the same CMUdict
+    test words for every bundle given, one line printed per bundle, one JSON record written."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("bundles", type=Path, nargs="+", help="bundle directories REPO/NAME/VERSION")
+    p.add_argument("--words", type=int, default=words, help="CMUdict test words")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / out_name)
+    add_args(p)
+    args = p.parse_args()
+    test = test_words(args.words, args.seed)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    results = []
+    for bundle_dir in args.bundles:
+        results.append(measure(bundle_dir, test, args))
+        print(describe(results[-1]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"started": started, "machine": platform.processor() or platform.machine(), "beam": args.beam}
+    args.out.write_text(json.dumps(record | {"words": args.words, "results": results}, indent=2) + "\n")
+    return 0
 
 
 def test_words(limit: int, seed: int) -> list[str]:

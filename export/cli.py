@@ -32,6 +32,11 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
         "--parity-limit", type=non_negative_int, default=0, help="check parity on the first N dev inputs (0: all)"
     )
     p.add_argument("--beam", type=positive_int, default=5, help="beam size of the n-best parity check")
+    p.add_argument(
+        "--graphone",
+        type=Path,
+        help="a graphone n-gram (seqserve graphone) that re-ranks the beam's n-best; its weights are tuned on dev",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--no-progress", action="store_true")
 
@@ -51,9 +56,9 @@ def run_export(args: argparse.Namespace) -> int:
             f"seqserve export: --out must end in a positive integer version directory, got {args.out}", file=sys.stderr
         )
         return 2
-    missing = [str(p) for p in args.checkpoint if not p.is_file()]
+    missing = [str(p) for p in [*args.checkpoint, *([args.graphone] if args.graphone else [])] if not p.is_file()]
     if missing:
-        print(f"seqserve export: no checkpoint at {', '.join(missing)}", file=sys.stderr)
+        print(f"seqserve export: not found: {', '.join(missing)}", file=sys.stderr)
         return 2
     opts = ExportOptions(
         name=args.out.parent.name,
@@ -65,6 +70,7 @@ def run_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         combine=args.combine,
+        graphone=args.graphone,
     )
     try:
         manifest = export_checkpoint(args.checkpoint, args.out, opts)
@@ -74,5 +80,12 @@ def run_export(args: argparse.Namespace) -> int:
     summary = {"bundle": str(args.out), "parity": {k: v for k, v in manifest.parity.items() if k != "mismatches"}}
     if manifest.quantization:
         summary["quantization"] = manifest.quantization
+    if manifest.rescoring:
+        tuning = manifest.rescoring["tuning"]
+        summary["rescoring"] = {
+            "weight": manifest.rescoring["weight"],
+            "length_weight": manifest.rescoring["length_weight"],
+            f"dev_{tuning['metric']}": [tuning["before"][tuning["metric"]], tuning["after"][tuning["metric"]]],
+        }
     print(json.dumps(summary, indent=2))
     return 0

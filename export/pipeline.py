@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from export.onnx_export import ExportError, atomic_bundle_dir, graph_spec, make_manifest, publish, write_bundle
+from export.rescoring import add_rescoring, load_graphone
 from service.engine.batch import Job, decode_all
 from service.engine.beam import SearchOptions
 from service.runtime.bundle import Bundle
@@ -55,6 +56,7 @@ class ExportOptions:
     overwrite: bool = False
     progress: bool = True
     combine: str = "prob"  # ensembles: how the members' distributions combine (training.config.COMBINE)
+    graphone: Path | None = None  # a graphone n-gram (seqserve graphone) to rescore the n-best, tuned on dev
 
 
 def bound_ratio(ref: np.ndarray[Any, Any], got: np.ndarray[Any, Any], tolerance: float, rtol: float) -> float:
@@ -169,9 +171,16 @@ def nbest_parity(
 
 
 def evaluate_bundle(
-    bundle: Bundle, examples: Sequence[Example], beam: int, max_len: int, progress: bool = False, desc: str = "decode"
+    bundle: Bundle,
+    examples: Sequence[Example],
+    beam: int,
+    max_len: int,
+    progress: bool = False,
+    desc: str = "decode",
+    rescore: bool = True,
 ) -> tuple[dict[str, float], float]:
-    """WER / PER of a bundle through the serving beam search, and the decode wall time in seconds."""
+    """WER / PER of a bundle through the serving beam search (and its rescorer, if any, unless ``rescore`` is
+    false), and the decode wall time in seconds."""
     options = SearchOptions(beam_size=beam, n_best=1, max_len=max_len)
     jobs = [bundle.make_job(ex.src, options, max_source_length=10_000, tag=i) for i, ex in enumerate(examples)]
     start = time.perf_counter()
@@ -184,7 +193,7 @@ def evaluate_bundle(
     seconds = time.perf_counter() - start
     hyps, log_probs = [], []
     for i, ex in enumerate(examples):
-        outs = bundle.outputs(done[i], bundle.source_tokens(ex.src))
+        outs = bundle.outputs(done[i], bundle.source_tokens(ex.src), rescore=rescore)
         hyps.append(outs[0].tokens if outs else [])
         log_probs.append(outs[0].log_prob if outs else -math.inf)
     refs = [[bundle.tgt_tok.tokenize(r) for r in ex.refs] for ex in examples]
@@ -255,10 +264,13 @@ def export_checkpoint(checkpoints: Path | Sequence[Path], target: Path, opts: Ex
     paths = [checkpoints] if isinstance(checkpoints, Path) else list(checkpoints)
     if target.exists() and not opts.overwrite:  # checked again when publishing; this spares minutes of parity work
         raise ExportError(f"{target} exists; pass --overwrite to replace it")
+    if opts.graphone is not None:
+        load_graphone(opts.graphone)  # a bad file fails now, not after minutes of parity checks
     loaded = load(paths, opts.combine)
     model, cfg, src_tok, tgt_tok = loaded.model, loaded.cfg, loaded.src_tok, loaded.tgt_tok
     training_info = loaded.training_info
-    examples = load_datasets(cfg.data, cfg.train.seed).dev
+    dev = load_datasets(cfg.data, cfg.train.seed).dev
+    examples = dev
     if opts.parity_limit:
         examples = examples[: opts.parity_limit]
     if not examples:
@@ -338,6 +350,10 @@ def export_checkpoint(checkpoints: Path | Sequence[Path], target: Path, opts: Ex
         if opts.quantize:
             manifest = _quantized(model, cfg, src_tok, tgt_tok, fp32_dir, tmp, examples, opts, training_info, manifest)
             shutil.rmtree(fp32_dir)
+        if opts.graphone is not None:  # tuned on the whole dev split, whatever --parity-limit says
+            manifest = add_rescoring(
+                tmp, manifest, opts.graphone, dev, opts.beam, cfg.data.max_tgt_len, cfg.train.select_on, opts.progress
+            )
         publish(tmp, target, opts.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -111,6 +111,9 @@ def _translate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--n-best", type=int, default=1)
     p.add_argument("--max-length", type=int, default=0)
+    p.add_argument(
+        "--no-rescoring", action="store_true", help="rank by the model's score alone (bundles with a rescorer)"
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds")
     p.add_argument("--json", action="store_true", help="print the full response as JSON")
 
@@ -133,6 +136,7 @@ def _run_translate(args: argparse.Namespace) -> int:
                 beam_size=args.beam,
                 num_hypotheses=args.n_best,
                 max_length=args.max_length,
+                no_rescoring=args.no_rescoring,
             )
     except grpc.RpcError as exc:
         print(f"seqserve translate: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -178,7 +182,14 @@ def _torch_side(module: str, func: str, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from export.cli import add_export_args
-    from training.cli import add_average_args, add_calibrate_args, add_distill_args, add_eval_args, add_train_args
+    from training.cli import (
+        add_average_args,
+        add_calibrate_args,
+        add_distill_args,
+        add_eval_args,
+        add_graphone_args,
+        add_train_args,
+    )
 
     parser = argparse.ArgumentParser(prog="seqserve", description="Serve recurrent seq2seq models over gRPC.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
             "calibrate", help="fit a temperature on the dev split for calibrated probabilities (needs seqserve[train])"
         )
     )
+    add_graphone_args(
+        sub.add_parser(
+            "graphone", help="a graphone n-gram of a checkpoint's training split, to rescore n-best lists (train extra)"
+        )
+    )
     add_export_args(sub.add_parser("export", help="export a checkpoint to a bundle (needs seqserve[train])"))
     return parser
 
@@ -217,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "average": ("training.cli", "run_average"),
         "distill": ("training.cli", "run_distill"),
         "calibrate": ("training.cli", "run_calibrate"),
+        "graphone": ("training.cli", "run_graphone"),
         "export": ("export.cli", "run_export"),
     }
     module, func = torch_side[args.command]

@@ -53,3 +53,24 @@ def model_repo(tiny_bundle: Path, tmp_path: Path) -> Path:
     repo = tmp_path / "models"
     shutil.copytree(tiny_bundle, repo / "rev" / "1")
     return repo
+
+
+@pytest.fixture(scope="session")
+def tiny_graphone(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A graphone 3-gram of the tiny model's training split (``seqserve graphone``'s code path)."""
+    from training.graphone import build_from_checkpoint
+
+    out = tmp_path_factory.mktemp("graphone") / "rev.npz"
+    build_from_checkpoint(tiny_checkpoint, out, order=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def rescored_bundle(tiny_checkpoint: Path, tiny_graphone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``<repo>/rev/1`` with the graphone rescorer, its weights tuned on the tiny model's dev split."""
+    from export.pipeline import ExportOptions, export_checkpoint
+
+    repo = tmp_path_factory.mktemp("rescored")
+    options = ExportOptions(name="rev", version=1, parity_limit=50, progress=False, graphone=tiny_graphone)
+    export_checkpoint(tiny_checkpoint, repo / "rev" / "1", options)
+    return repo / "rev" / "1"

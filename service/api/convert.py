@@ -51,6 +51,7 @@ class RequestOptions:
     seed: int
     return_attention: bool
     replace_unknowns: bool
+    rescore: bool = True
 
     def for_source(self, src_len: int, default_max: int, hard_max: int) -> SearchOptions:
         max_len, min_len = resolve_lengths(
@@ -116,6 +117,7 @@ def request_options(msg: pb.DecodingOptions, limits: Limits, max_rows: int) -> R
         seed=msg.seed,
         return_attention=msg.return_attention,
         replace_unknowns=msg.replace_unknowns,
+        rescore=not msg.no_rescoring,
     )
     try:  # check the option combination once, with a nominal length
         opts.for_source(1, limits.max_output_length, limits.max_output_length).validate()

@@ -111,7 +111,7 @@ class Seq2SeqServicer(pb_grpc.Seq2SeqServicer):
         response = pb.TranslateResponse(model=bundle.name, version=bundle.version)
         generated = 0
         for job, tokens in zip(jobs, source_tokens, strict=True):
-            outs = bundle.outputs(job, tokens, opts.replace_unknowns)
+            outs = bundle.outputs(job, tokens, opts.replace_unknowns, opts.rescore)
             generated += len(outs[0].tokens) if outs else 0
             response.translations.append(
                 pb.Translation(hypotheses=[hypothesis(o, opts.return_attention) for o in outs], source_tokens=tokens)

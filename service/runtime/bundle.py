@@ -1,15 +1,18 @@
-"""A loaded, verified bundle: manifest + tokenizers + onnxruntime sessions, and text <-> jobs."""
+"""A loaded, verified bundle: manifest + tokenizers + onnxruntime sessions (+ an optional graphone rescorer), and
+text <-> jobs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from service.engine.batch import Job
 from service.engine.beam import BeamSearch, Hypothesis, SearchOptions
-from service.runtime.manifest import BundleError, Manifest, read_manifest, verify_files
+from service.runtime.graphone import GraphoneError, GraphoneModel
+from service.runtime.manifest import BundleError, Manifest, RescoringSpec, read_manifest, verify_files
 from service.runtime.ort import Runtime
 from service.text import UNK, Tokenizer, TokenizerError, extend_source, ids_to_tokens
 
@@ -27,6 +30,25 @@ class Output:
     score: float
     log_prob: float
     attention: list[list[float]] | None
+
+
+@dataclass(frozen=True)
+class Rescorer:
+    """Re-ranks a beam's finished hypotheses with a graphone n-gram (see :class:`RescoringSpec`)."""
+
+    model: GraphoneModel
+    spec: RescoringSpec
+
+    def graphone(self, source_tokens: Sequence[str], tokens: Sequence[str]) -> float:
+        value = self.model.score(source_tokens, tokens, self.spec.beam)
+        return self.spec.floor if value is None else value
+
+    def rescore(self, score: float, source_tokens: Sequence[str], tokens: Sequence[str]) -> float:
+        return (
+            score
+            + self.spec.weight * self.graphone(source_tokens, tokens)
+            + self.spec.length_weight * (len(tokens) + 1)
+        )
 
 
 class Bundle:
@@ -50,6 +72,13 @@ class Bundle:
         special = self.manifest.special_tokens
         self.pad, self.bos, self.eos, self.unk = special["pad"], special["bos"], special["eos"], special["unk"]
         self.copy = bool(self.manifest.architecture.get("copy", False))
+        self.rescorer: Rescorer | None = None
+        if self.manifest.rescoring:
+            spec = RescoringSpec.from_dict(self.manifest.rescoring)
+            try:
+                self.rescorer = Rescorer(GraphoneModel.load(directory / spec.file), spec)
+            except GraphoneError as exc:
+                raise BundleError(f"cannot load the rescoring model: {exc}") from exc
 
     @property
     def name(self) -> str:
@@ -77,8 +106,19 @@ class Bundle:
         search = BeamSearch(options, len(ids), self.bos, self.eos, self.pad, vocab_limit=vocab_limit)
         return Job(search=search, src_ids=ids, src_ext=ext, tag=tag)
 
-    def outputs(self, job: Job, source_tokens: list[str], replace_unknowns: bool = False) -> list[Output]:
-        return [self.output(h, source_tokens, replace_unknowns) for h in job.search.results()]
+    def outputs(
+        self, job: Job, source_tokens: list[str], replace_unknowns: bool = False, rescore: bool = True
+    ) -> list[Output]:
+        """The n-best of a finished job, best first. With a rescorer (and ``rescore``), every hypothesis the beam
+        finished is re-ranked first and ``score`` is the rescored value; greedy search and sampling (beam 1)
+        have nothing to re-rank and keep the model's score."""
+        search = job.search
+        if self.rescorer is None or not rescore or search.options.beam_size < 2:
+            return [self.output(h, source_tokens, replace_unknowns) for h in search.results()]
+        outs = [self.output(h, source_tokens, replace_unknowns) for h in search.finished]
+        scored = [(self.rescorer.rescore(o.score, source_tokens, o.tokens), i) for i, o in enumerate(outs)]
+        scored.sort(key=lambda pair: (-pair[0], pair[1]))  # ties keep finishing order, like results()
+        return [replace(outs[i], score=value) for value, i in scored[: search.options.n_best]]
 
     def output(self, hyp: Hypothesis, source_tokens: list[str], replace_unknowns: bool) -> Output:
         oov = extend_source(source_tokens, self.tgt_tok.vocab)[1] if self.copy else []

@@ -1,15 +1,18 @@
 """The bundle manifest: the contract between ``seqserve export`` and the server.
 
 A bundle is a directory ``<repo>/<model>/<version>/`` holding ``manifest.json``, the
-encoder and decoder-step ONNX graphs, the vocabularies (and SentencePiece models).
+encoder and decoder-step ONNX graphs, the vocabularies (and SentencePiece models), and
+optionally a graphone n-gram that re-ranks the beam's n-best list (``rescoring``).
 The server trusts nothing it has not checked: every file's sha256, the graphs' input
 and output names and element types, and the vocabulary sizes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,40 @@ class GraphSpec:
 
 
 @dataclass(frozen=True)
+class RescoringSpec:
+    """How a bundle re-ranks a beam's finished hypotheses: score + weight * graphone log-probability (``floor``
+    when the graphone model cannot segment the pair) + length_weight * (tokens + 1)."""
+
+    file: str
+    order: int
+    weight: float
+    length_weight: float
+    floor: float
+    beam: int  # Viterbi beam per lattice cell of the graphone scorer
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RescoringSpec:
+        try:
+            spec = cls(
+                str(raw["file"]),
+                int(raw["order"]),
+                float(raw["weight"]),
+                float(raw["length_weight"]),
+                float(raw["floor"]),
+                int(raw["beam"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"manifest.json: rescoring is malformed: {type(exc).__name__}: {exc}") from exc
+        finite = all(math.isfinite(v) for v in (spec.weight, spec.length_weight, spec.floor))
+        if not finite or spec.weight < 0 or spec.beam < 1 or spec.order < 1:
+            raise BundleError("manifest.json: rescoring needs finite weights, weight >= 0, beam >= 1 and order >= 1")
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: int
@@ -85,6 +122,7 @@ class Manifest:
     parity: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    rescoring: dict[str, Any] = field(default_factory=dict)  # {} or RescoringSpec's fields plus how they were tuned
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,6 +144,7 @@ class Manifest:
             "parity": self.parity,
             "quantization": self.quantization,
             "training": self.training,
+            "rescoring": self.rescoring,
         }
 
     @classmethod
@@ -135,20 +174,28 @@ class Manifest:
                 parity=dict(raw.get("parity", {})),
                 quantization=dict(raw.get("quantization", {})),
                 training=dict(raw.get("training", {})),
+                rescoring=dict(raw.get("rescoring", {})),
             )
         except (KeyError, TypeError, ValueError, TokenizerError) as exc:
             raise BundleError(f"manifest.json is malformed: {type(exc).__name__}: {exc}") from exc
         for key in ("pad", "bos", "eos", "unk"):
             if key not in manifest.special_tokens:
                 raise BundleError(f"manifest.json: special_tokens lacks {key!r}")
+        if manifest.rescoring:
+            RescoringSpec.from_dict(manifest.rescoring)  # checked here, so a bad bundle fails at load
         return manifest
 
     def summary(self) -> str:
         members = self.architecture.get("ensemble")
         if isinstance(members, list):
             parts = "; ".join(self._describe(m) for m in members if isinstance(m, dict))
-            return f"ensemble of {len(members)} ({self.architecture.get('combine', 'prob')} average): {parts}"
-        return self._describe(self.architecture)
+            text = f"ensemble of {len(members)} ({self.architecture.get('combine', 'prob')} average): {parts}"
+        else:
+            text = self._describe(self.architecture)
+        if self.rescoring:
+            spec = RescoringSpec.from_dict(self.rescoring)
+            text += f"; n-best rescored by a graphone {spec.order}-gram (weight {spec.weight:g})"
+        return text
 
     @staticmethod
     def _describe(a: dict[str, Any]) -> str:
@@ -190,6 +237,8 @@ def read_manifest(directory: Path) -> Manifest:
 def verify_files(directory: Path, manifest: Manifest) -> None:
     """Every file the manifest names exists and has the recorded sha256; every file it needs is named."""
     needed = {g.file for g in manifest.graphs.values()}
+    if manifest.rescoring:
+        needed.add(RescoringSpec.from_dict(manifest.rescoring).file)
     for spec in manifest.tokenizers.values():
         needed.add(spec.vocab)
         if spec.model:

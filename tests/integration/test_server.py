@@ -382,3 +382,32 @@ def test_request_batching_answers_finished_sources_when_the_rest_of_the_batch_is
             assert translate(stub, ["abc"]).translations  # and the engine admits new batches afterwards
     finally:
         server.stop()
+
+
+def test_rescoring_bundle_serves_rescored_rankings_and_obeys_no_rescoring(
+    rescored_bundle: Path, tmp_path: Path
+) -> None:
+    """A bundle with a graphone rescorer: the server's n-best is the bundle's rescored ranking; no_rescoring gives
+    the model's own ranking and scores back."""
+    repo = tmp_path / "models"
+    shutil.copytree(rescored_bundle, repo / "rev" / "1")
+    bundle = Bundle(rescored_bundle)
+    opts = SearchOptions(beam_size=5, n_best=3, max_len=20)
+    jobs = decode_all(bundle.runtime, [bundle.make_job(w, opts, 100, tag=i) for i, w in enumerate(WORDS)])
+    jobs.sort(key=lambda j: j.tag)  # decode_all returns them as they finish
+    s = ServerThread(settings_for(repo)).start()
+    try:
+        with grpc.insecure_channel(s.target) as channel:
+            stub = pb_grpc.Seq2SeqStub(channel)
+            rescored = translate(stub, WORDS, beam_size=5, num_hypotheses=3)
+            plain = translate(stub, WORDS, beam_size=5, num_hypotheses=3, no_rescoring=True)
+    finally:
+        s.stop()
+    for job, r, p in zip(jobs, rescored.translations, plain.translations, strict=True):
+        src = bundle.source_tokens(WORDS[job.tag])
+        want = bundle.outputs(job, src)
+        assert [list(h.tokens) for h in r.hypotheses] == [o.tokens for o in want]
+        assert [h.score for h in r.hypotheses] == pytest.approx([o.score for o in want], rel=1e-6)
+        model_only = bundle.outputs(job, src, rescore=False)
+        assert [list(h.tokens) for h in p.hypotheses] == [o.tokens for o in model_only]
+        assert [h.score for h in p.hypotheses] == pytest.approx([o.score for o in model_only], rel=1e-6)

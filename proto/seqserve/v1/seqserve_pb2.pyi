@@ -30,7 +30,7 @@ MODEL_STATE_UNAVAILABLE: ModelState
 MODEL_STATE_UNLOADED: ModelState
 
 class DecodingOptions(_message.Message):
-    __slots__ = ("beam_size", "num_hypotheses", "max_length", "max_length_ratio", "min_length", "min_length_ratio", "length_penalty", "length_penalty_alpha", "coverage_penalty_beta", "no_repeat_ngram_size", "sampling", "temperature", "top_k", "seed", "return_attention", "replace_unknowns")
+    __slots__ = ("beam_size", "num_hypotheses", "max_length", "max_length_ratio", "min_length", "min_length_ratio", "length_penalty", "length_penalty_alpha", "coverage_penalty_beta", "no_repeat_ngram_size", "sampling", "temperature", "top_k", "seed", "return_attention", "replace_unknowns", "no_rescoring")
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_HYPOTHESES_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class DecodingOptions(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     RETURN_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     REPLACE_UNKNOWNS_FIELD_NUMBER: _ClassVar[int]
+    NO_RESCORING_FIELD_NUMBER: _ClassVar[int]
     beam_size: int
     num_hypotheses: int
     max_length: int
@@ -63,7 +64,8 @@ class DecodingOptions(_message.Message):
     seed: int
     return_attention: bool
     replace_unknowns: bool
-    def __init__(self, beam_size: _Optional[int] = ..., num_hypotheses: _Optional[int] = ..., max_length: _Optional[int] = ..., max_length_ratio: _Optional[float] = ..., min_length: _Optional[int] = ..., min_length_ratio: _Optional[float] = ..., length_penalty: _Optional[_Union[LengthPenalty, str]] = ..., length_penalty_alpha: _Optional[float] = ..., coverage_penalty_beta: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., sampling: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., return_attention: _Optional[bool] = ..., replace_unknowns: _Optional[bool] = ...) -> None: ...
+    no_rescoring: bool
+    def __init__(self, beam_size: _Optional[int] = ..., num_hypotheses: _Optional[int] = ..., max_length: _Optional[int] = ..., max_length_ratio: _Optional[float] = ..., min_length: _Optional[int] = ..., min_length_ratio: _Optional[float] = ..., length_penalty: _Optional[_Union[LengthPenalty, str]] = ..., length_penalty_alpha: _Optional[float] = ..., coverage_penalty_beta: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., sampling: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., return_attention: _Optional[bool] = ..., replace_unknowns: _Optional[bool] = ..., no_rescoring: _Optional[bool] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
     __slots__ = ("model", "version", "sources", "options")

@@ -1,0 +1,264 @@
+"""Joint-sequence (graphone) n-gram model: a second opinion on the beam's n-best list.
+
+A graphone pairs a chunk of 1-2 source tokens with a chunk of 0-2 target tokens (``o|u}AW``, ``e}_``); the
+model is a backoff n-gram over graphone sequences (Bisani & Ney 2008; the Phonetisaurus recipe of Novak et al.
+2016 builds it from a many-to-many alignment). It scores a (source, hypothesis) pair by its best segmentation into
+graphones (Viterbi with a small beam per lattice cell). The neural model and the n-gram make different errors,
+so adding the n-gram's log-probability to the beam's score re-ranks the n-best list for the better
+(``docs/export.md#rescoring``).
+
+Pure Python and numpy: the server loads it from a bundle's ``graphone.npz`` (written by ``seqserve graphone``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+SEQ_SEP = "|"  # joins the tokens of one side of a graphone
+SIDE_SEP = "}"  # between the source side and the target side
+EMPTY = "_"  # an empty target side
+RESERVED = (SEQ_SEP, SIDE_SEP, EMPTY)
+BOS, EOS = "<s>", "</s>"
+MAX_SOURCE_CHUNK = 2
+MAX_TARGET_CHUNK = 2
+LN10 = math.log(10.0)
+FORMAT = 1
+CACHE_LIMIT = 100_000  # remembered (history, token) steps (≈ 30 MB); common graphone histories repeat across words
+
+
+class GraphoneError(ValueError):
+    """A graphone model file or ARPA file that cannot be used."""
+
+
+def graphone(source: Sequence[str], target: Sequence[str]) -> str:
+    return SEQ_SEP.join(source) + SIDE_SEP + (SEQ_SEP.join(target) if target else EMPTY)
+
+
+@dataclass(frozen=True)
+class NGrams:
+    """The n-grams of one order: token ids (1-based) [n, order], log-probability and backoff (natural log) [n]."""
+
+    ids: npt.NDArray[np.int64]
+    log_prob: npt.NDArray[np.float32]
+    backoff: npt.NDArray[np.float32]
+
+
+def target_pattern(strip: str) -> re.Pattern[str] | None:
+    """The compiled ``strip`` expression (None when empty)."""
+    if not strip:
+        return None
+    try:
+        return re.compile(strip)
+    except re.error as exc:
+        raise GraphoneError(f"the strip pattern {strip!r} is not a regular expression: {exc}") from None
+
+
+def normalise(tokens: Sequence[str], pattern: re.Pattern[str] | None) -> list[str]:
+    """Target tokens as the graphone model sees them: ``pattern`` removed, tokens left empty dropped."""
+    if pattern is None:
+        return list(tokens)
+    return [t for t in (pattern.sub("", tok) for tok in tokens) if t]
+
+
+class GraphoneModel:
+    def __init__(self, tokens: Sequence[str], orders: Sequence[NGrams], strip: str = "") -> None:
+        if not orders or BOS not in tokens or EOS not in tokens:
+            raise GraphoneError("a graphone model needs unigrams including <s> and </s>")
+        self.strip = strip  # removed from every target token before scoring (e.g. "[0-9]": ARPAbet stress)
+        self._pattern = target_pattern(strip)
+        self.tokens = list(tokens)
+        self.orders = list(orders)
+        self.order = len(orders)
+        self._ids = {tok: i + 1 for i, tok in enumerate(self.tokens)}  # 0 is never a token: keys stay unique
+        self._base = len(self.tokens) + 1
+        self._pow = [self._base**k for k in range(self.order + 1)]
+        # key of (w1 .. wk) = wk + B * w(k-1) + B^2 * w(k-2) ...: the newest token in the lowest digit, so the
+        # key of a history's last j tokens is key % B^j
+        self._log_prob: dict[int, float] = {}
+        self._backoff: dict[int, float] = {}
+        for grams in self.orders:
+            keys = np.zeros(len(grams.ids), dtype=object)
+            for col in range(grams.ids.shape[1]):
+                keys = keys * self._base + grams.ids[:, col].astype(object)
+            key_list = keys.tolist()
+            self._log_prob.update(zip(key_list, grams.log_prob.tolist(), strict=True))
+            self._backoff.update((k, b) for k, b in zip(key_list, grams.backoff.tolist(), strict=True) if b != 0.0)
+        self._bos = self._ids[BOS]
+        self._eos = self._ids[EOS]
+        self.size = sum(len(g.ids) for g in self.orders)
+        # (history, length, token) -> (log p, next history, next length); dict operations are atomic under the
+        # GIL, so threads may share it
+        self._steps: dict[tuple[int, int, int], tuple[float, int, int]] = {}
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def from_arpa(cls, path: Path, strip: str = "") -> GraphoneModel:
+        """An ARPA back-off model (log10) over graphone tokens, as ``estimate-ngram -wl`` writes it."""
+        target_pattern(strip)  # a bad pattern fails before the file is read
+        tokens: list[str] = []
+        ids: dict[str, int] = {}
+        rows: dict[int, tuple[list[list[int]], list[float], list[float]]] = {}
+        order = 0
+        try:
+            with path.open(encoding="utf-8") as f:
+                for lineno, raw in enumerate(f, 1):
+                    line = raw.strip()
+                    if not line or line == "\\data\\" or line.startswith("ngram "):
+                        continue
+                    if line == "\\end\\":
+                        break
+                    if line.startswith("\\") and line.endswith("-grams:"):
+                        order = int(line[1 : line.index("-")])
+                        rows[order] = ([], [], [])
+                        continue
+                    if order == 0:
+                        raise GraphoneError(f"{path}:{lineno}: n-gram line before any \\N-grams: section")
+                    parts = line.split()
+                    if len(parts) not in (order + 1, order + 2):
+                        raise GraphoneError(
+                            f"{path}:{lineno}: expected {order} tokens, a log-probability and an optional backoff"
+                        )
+                    words = parts[1 : order + 1]
+                    if order == 1:
+                        ids[words[0]] = len(tokens) + 1
+                        tokens.append(words[0])
+                    try:
+                        gram = [ids[w] for w in words]
+                    except KeyError as exc:
+                        raise GraphoneError(f"{path}:{lineno}: {exc.args[0]!r} is not a unigram") from None
+                    rows[order][0].append(gram)
+                    rows[order][1].append(float(parts[0]) * LN10)
+                    rows[order][2].append(float(parts[order + 1]) * LN10 if len(parts) == order + 2 else 0.0)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            if isinstance(exc, GraphoneError):
+                raise
+            raise GraphoneError(f"cannot read the ARPA file {path}: {exc}") from None
+        if sorted(rows) != list(range(1, len(rows) + 1)) or not rows:
+            raise GraphoneError(f"{path}: the ARPA file needs \\1-grams: .. \\N-grams: sections")
+        orders = [
+            NGrams(
+                np.asarray(rows[k][0], dtype=np.int64).reshape(-1, k),
+                np.asarray(rows[k][1], dtype=np.float32),
+                np.asarray(rows[k][2], dtype=np.float32),
+            )
+            for k in sorted(rows)
+        ]
+        return cls(tokens, orders, strip)
+
+    def save(self, path: Path) -> None:
+        arrays: dict[str, npt.NDArray[np.generic]] = {
+            "format": np.asarray([FORMAT]),
+            "tokens": np.asarray(self.tokens, dtype=str),
+            "strip": np.asarray([self.strip], dtype=str),
+        }
+        for k, grams in enumerate(self.orders, 1):
+            arrays[f"ids{k}"] = grams.ids.astype(np.uint16 if self._base <= 65536 else np.int32)
+            arrays[f"log_prob{k}"] = grams.log_prob
+            arrays[f"backoff{k}"] = grams.backoff
+        with path.open("wb") as f:
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: Path) -> GraphoneModel:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "format" not in data or int(data["format"][0]) != FORMAT:
+                    raise GraphoneError(f"{path} is not a graphone model of format {FORMAT}")
+                tokens = [str(t) for t in data["tokens"].tolist()]
+                strip = str(data["strip"][0])
+                orders = []
+                k = 1
+                while f"ids{k}" in data:
+                    orders.append(
+                        NGrams(
+                            data[f"ids{k}"].astype(np.int64).reshape(-1, k),
+                            data[f"log_prob{k}"].astype(np.float32),
+                            data[f"backoff{k}"].astype(np.float32),
+                        )
+                    )
+                    k += 1
+        except (OSError, ValueError, KeyError) as exc:
+            if isinstance(exc, GraphoneError):
+                raise
+            raise GraphoneError(f"cannot read the graphone model {path}: {exc}") from None
+        return cls(tokens, orders, strip)
+
+    # ------------------------------------------------------------------ scoring
+    def _log_p(self, history: int, length: int, token: int) -> float:
+        """log P(token | the last ``length`` tokens packed in ``history``), backing off to shorter contexts."""
+        backoff = 0.0
+        for k in range(length, -1, -1):
+            context = history % self._pow[k]
+            value = self._log_prob.get(token + self._base * context)
+            if value is not None:
+                return value + backoff
+            if k:
+                backoff += self._backoff.get(context, 0.0)
+        return -99.0 * LN10  # a token outside the model (cannot happen for a known graphone)
+
+    def _state(self, history: int, length: int, token: int) -> tuple[int, int]:
+        """The history after ``token``: its longest suffix (at most order - 1 tokens) that is a known n-gram."""
+        length = min(length + 1, self.order - 1)
+        key = (token + self._base * history) % self._pow[length]
+        while length > 1 and key not in self._log_prob:
+            length -= 1
+            key %= self._pow[length]
+        return key, length
+
+    def _step(self, history: int, length: int, token: int) -> tuple[float, int, int]:
+        key = (history, length, token)
+        step = self._steps.get(key)
+        if step is None:
+            step = (self._log_p(history, length, token), *self._state(history, length, token))
+            if len(self._steps) >= CACHE_LIMIT:
+                self._steps.clear()
+            self._steps[key] = step
+        return step
+
+    def score(self, source: Sequence[str], target: Sequence[str], beam: int = 8) -> float | None:
+        """Natural-log joint probability of the best graphone segmentation of (source, target), ``None`` when
+        no segmentation uses only known graphones. ``target`` as the model outputs it (normalised here)."""
+        target = normalise(target, self._pattern)
+        n_src, n_tgt = len(source), len(target)
+        if n_src == 0:
+            return None
+        ids, steps = self._ids, self._steps
+        # the target chunks a graphone can take from position j: (size, text)
+        tgt_chunks = [
+            [(b, SEQ_SEP.join(target[j : j + b]) if b else EMPTY) for b in range(min(MAX_TARGET_CHUNK, n_tgt - j) + 1)]
+            for j in range(n_tgt + 1)
+        ]
+        cells: dict[tuple[int, int], dict[tuple[int, int], float]] = {(0, 0): {(self._bos, 1): 0.0}}
+        for i in range(n_src):
+            src_chunks = [
+                (a, SEQ_SEP.join(source[i : i + a]) + SIDE_SEP) for a in range(1, min(MAX_SOURCE_CHUNK, n_src - i) + 1)
+            ]
+            # every source token yields 0-2 target tokens: only these j can still reach (n_src, n_tgt)
+            for j in range(max(0, n_tgt - MAX_TARGET_CHUNK * (n_src - i)), min(n_tgt, MAX_TARGET_CHUNK * i) + 1):
+                cell = cells.pop((i, j), None)
+                if not cell:
+                    continue
+                items = sorted(cell.items(), key=lambda kv: -kv[1])[:beam] if len(cell) > beam else list(cell.items())
+                for a, src_chunk in src_chunks:
+                    for b, tgt_chunk in tgt_chunks[j]:
+                        token = ids.get(src_chunk + tgt_chunk)
+                        if token is None:
+                            continue
+                        nxt = cells.setdefault((i + a, j + b), {})
+                        for state, value in items:
+                            step = steps.get((state[0], state[1], token)) or self._step(state[0], state[1], token)
+                            total = value + step[0]
+                            after = (step[1], step[2])
+                            if total > nxt.get(after, -math.inf):
+                                nxt[after] = total
+        final = cells.get((n_src, n_tgt))
+        if not final:
+            return None
+        return max(value + self._log_p(h, n, self._eos) for (h, n), value in final.items())

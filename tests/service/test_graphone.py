@@ -1,0 +1,137 @@
+"""The graphone n-gram scorer: exact Viterbi scores against brute force, files, errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.runtime.graphone import LN10, GraphoneError, GraphoneModel, graphone
+
+# a hand-written bigram model over graphones (log10), with backoff weights
+ARPA = """
+\\data\\
+ngram 1=8
+ngram 2=6
+
+\\1-grams:
+-99 <s> -0.30
+-0.90 </s>
+-0.60 a}AH -0.20
+-1.20 b}B -0.10
+-1.50 a|b}AE|B
+-1.30 c}K -0.25
+-1.70 c}_
+-2.00 b}_
+
+\\2-grams:
+-0.20 <s> a}AH
+-0.70 <s> a|b}AE|B
+-0.30 a}AH b}B
+-0.40 b}B c}K
+-0.15 c}K </s>
+-0.50 a|b}AE|B c}_
+
+\\end\\
+"""
+
+
+@pytest.fixture
+def arpa(tmp_path: Path) -> Path:
+    path = tmp_path / "g.arpa"
+    path.write_text(ARPA, encoding="utf-8")
+    return path
+
+
+def brute_force(model_lines: str, source: list[str], target: list[str]) -> float | None:
+    """Best segmentation score by enumerating every segmentation and applying the backoff rule by hand."""
+    probs: dict[tuple[str, ...], tuple[float, float]] = {}
+    order = 0
+    for line in model_lines.strip().splitlines():
+        line = line.strip()
+        if line.startswith("\\") and line.endswith("-grams:"):
+            order = int(line[1])
+            continue
+        if not line or line.startswith(("\\", "ngram")):
+            continue
+        parts = line.split()
+        probs[tuple(parts[1 : 1 + order])] = (float(parts[0]), float(parts[1 + order]) if len(parts) > 1 + order else 0)
+
+    def log_p(history: tuple[str, ...], token: str) -> float:
+        if (*history, token) in probs:
+            return probs[(*history, token)][0]
+        if not history:
+            raise KeyError(token)
+        return probs.get(history, (0.0, 0.0))[1] + log_p(history[1:], token)
+
+    def segmentations(i: int, j: int) -> Iterator[list[str]]:
+        if i == len(source):
+            if j == len(target):
+                yield []
+            return
+        for a, b in itertools.product((1, 2), (0, 1, 2)):
+            if i + a <= len(source) and j + b <= len(target):
+                for rest in segmentations(i + a, j + b):
+                    yield [graphone(source[i : i + a], target[j : j + b]), *rest]
+
+    best = None
+    for seg in segmentations(0, 0):
+        if any((tok,) not in probs for tok in seg):
+            continue
+        seq = ["<s>", *seg, "</s>"]
+        total = sum(log_p((seq[k - 1],), seq[k]) for k in range(1, len(seq)))
+        best = total if best is None else max(best, total)
+    return None if best is None else best * LN10
+
+
+@pytest.mark.parametrize(
+    "source,target",
+    [
+        ("abc", ["AH", "B", "K"]),
+        ("abc", ["AE", "B"]),  # two segmentations compete: a|b}AE|B c}_ and a}AH ... (impossible here)
+        ("ab", ["AH", "B"]),
+        ("abcb", ["AH", "B", "K"]),
+        ("cab", ["K", "AH", "B"]),  # unseen bigrams: backoff only
+    ],
+)
+def test_viterbi_score_equals_the_best_segmentation(arpa: Path, source: str, target: list[str]) -> None:
+    model = GraphoneModel.from_arpa(arpa)
+    got = model.score(list(source), target, beam=100)
+    want = brute_force(ARPA, list(source), target)
+    assert want is not None and got is not None
+    assert math.isclose(got, want, rel_tol=1e-6)
+
+
+def test_pairs_without_a_segmentation_score_none(arpa: Path) -> None:
+    model = GraphoneModel.from_arpa(arpa)
+    assert model.score(list("abc"), ["Z"]) is None  # no graphone produces Z
+    assert model.score([], ["AH"]) is None
+    assert model.score(list("a"), ["AH", "B", "K"]) is None  # three targets cannot come from one letter
+
+
+def test_strip_normalises_targets_and_survives_a_round_trip(arpa: Path, tmp_path: Path) -> None:
+    model = GraphoneModel.from_arpa(arpa, strip="[0-9]")
+    plain = model.score(list("abc"), ["AH", "B", "K"])
+    assert model.score(list("abc"), ["AH0", "B", "K"]) == plain
+    path = tmp_path / "g.npz"
+    model.save(path)
+    loaded = GraphoneModel.load(path)
+    assert loaded.strip == "[0-9]" and loaded.order == 2 and loaded.size == model.size
+    for source, target in (("abc", ["AH1", "B", "K"]), ("abc", ["AE", "B"]), ("cab", ["K", "AH", "B"])):
+        assert loaded.score(list(source), target) == model.score(list(source), target)
+
+
+def test_bad_files_raise_graphone_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.arpa"
+    bad.write_text("\\data\\\n\\1-grams:\n-1.0 <s>\n-1.0\n", encoding="utf-8")
+    with pytest.raises(GraphoneError, match=r"bad.arpa:4"):
+        GraphoneModel.from_arpa(bad)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip file")
+    with pytest.raises(GraphoneError, match="cannot read the graphone model"):
+        GraphoneModel.load(junk)
+    with pytest.raises(GraphoneError, match="not a regular expression"):
+        GraphoneModel.from_arpa(tmp_path / "missing.arpa", strip="[")
