@@ -134,13 +134,15 @@ class ServerProcess:
         self.proc.wait(timeout=60)
 
 
-async def closed_loop(target: str, model: str, words: list[str], clients: int, beam: int) -> dict[str, float]:
+async def closed_loop(
+    target: str, model: str, words: list[str], clients: int, beam: int, no_rescoring: bool = False
+) -> dict[str, float]:
     """``clients`` concurrent callers, each sending the next word as soon as its previous answer came back."""
     latencies: list[float] = []
     queue = list(reversed(words))
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.Seq2SeqStub(channel)
-        opts = pb.DecodingOptions(beam_size=beam)
+        opts = pb.DecodingOptions(beam_size=beam, no_rescoring=no_rescoring)
 
         async def client() -> None:
             while queue:

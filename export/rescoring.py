@@ -89,8 +89,8 @@ def tune(
         accepted = {tuple(r if stress else strip_stress(r)) for r in refs[i]}
         tokens.append([o.tokens for o in outs])
         log_probs.append([o.log_prob for o in outs])
-        for k, o in enumerate(outs):
-            value = model.score(src, o.tokens, VITERBI_BEAM)
+        values = model.score_many(src, [o.tokens for o in outs], VITERBI_BEAM)
+        for k, (o, value) in enumerate(zip(outs, values, strict=True)):
             unsegmented += value is None
             base[i, k] = o.score
             graph[i, k] = FLOOR if value is None else value

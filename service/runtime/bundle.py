@@ -44,11 +44,20 @@ class Rescorer:
         return self.spec.floor if value is None else value
 
     def rescore(self, score: float, source_tokens: Sequence[str], tokens: Sequence[str]) -> float:
-        return (
-            score
-            + self.spec.weight * self.graphone(source_tokens, tokens)
-            + self.spec.length_weight * (len(tokens) + 1)
-        )
+        return self._combine(score, self.graphone(source_tokens, tokens), len(tokens))
+
+    def rescore_all(
+        self, source_tokens: Sequence[str], hypotheses: Sequence[tuple[float, Sequence[str]]]
+    ) -> list[float]:
+        """:meth:`rescore` of every (score, tokens) of one source, the graphone search shared between them."""
+        graph = self.model.score_many(source_tokens, [tokens for _, tokens in hypotheses], self.spec.beam)
+        return [
+            self._combine(score, self.spec.floor if g is None else g, len(tokens))
+            for (score, tokens), g in zip(hypotheses, graph, strict=True)
+        ]
+
+    def _combine(self, score: float, graphone: float, length: int) -> float:
+        return score + self.spec.weight * graphone + self.spec.length_weight * (length + 1)
 
 
 class Bundle:
@@ -116,7 +125,8 @@ class Bundle:
         if self.rescorer is None or not rescore or search.options.beam_size < 2:
             return [self.output(h, source_tokens, replace_unknowns) for h in search.results()]
         outs = [self.output(h, source_tokens, replace_unknowns) for h in search.finished]
-        scored = [(self.rescorer.rescore(o.score, source_tokens, o.tokens), i) for i, o in enumerate(outs)]
+        values = self.rescorer.rescore_all(source_tokens, [(o.score, o.tokens) for o in outs])
+        scored = [(value, i) for i, value in enumerate(values)]
         scored.sort(key=lambda pair: (-pair[0], pair[1]))  # ties keep finishing order, like results()
         return [replace(outs[i], score=value) for value, i in scored[: search.options.n_best]]
 

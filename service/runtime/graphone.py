@@ -225,40 +225,72 @@ class GraphoneModel:
     def score(self, source: Sequence[str], target: Sequence[str], beam: int = 8) -> float | None:
         """Natural-log joint probability of the best graphone segmentation of (source, target), ``None`` when
         no segmentation uses only known graphones. ``target`` as the model outputs it (normalised here)."""
-        target = normalise(target, self._pattern)
-        n_src, n_tgt = len(source), len(target)
+        return self.score_many(source, [target], beam)[0]
+
+    def score_many(self, source: Sequence[str], targets: Sequence[Sequence[str]], beam: int = 8) -> list[float | None]:
+        """:meth:`score` of every target for one source, sharing the work of common prefixes.
+
+        A lattice cell (source position, target prefix) holds the best ``beam`` n-gram histories of the paths that
+        reach it; it depends on the prefix only, so the targets' prefix tree is searched once (targets that are
+        equal after normalisation, e.g. differing only in stress, cost nothing extra).
+        """
+        normalised = [tuple(normalise(t, self._pattern)) for t in targets]
+        n_src = len(source)
         if n_src == 0:
-            return None
+            return [None] * len(targets)
+        # the prefix tree: node 0 is the empty prefix; children[node] maps a token to the next node
+        children: list[dict[str, int]] = [{}]
+        end_of: dict[tuple[str, ...], int] = {}
+        for target in dict.fromkeys(normalised):
+            node = 0
+            for text in target:
+                child = children[node].get(text)
+                if child is None:
+                    child = len(children)
+                    children.append({})
+                    children[node][text] = child
+                node = child
+            end_of[target] = node
+        # the target chunks a graphone can take from a node: (next node, text); 0 to MAX_TARGET_CHUNK tokens
+        chunks: list[list[tuple[int, str]]] = []
+        for node in range(len(children)):
+            out = [(node, EMPTY)]
+            frontier = [(node, "")]
+            for _ in range(MAX_TARGET_CHUNK):
+                frontier = [
+                    (kid, f"{text}{SEQ_SEP}{tok}" if text else tok)
+                    for parent, text in frontier
+                    for tok, kid in children[parent].items()
+                ]
+                out.extend(frontier)
+            chunks.append(out)
         ids, steps = self._ids, self._steps
-        # the target chunks a graphone can take from position j: (size, text)
-        tgt_chunks = [
-            [(b, SEQ_SEP.join(target[j : j + b]) if b else EMPTY) for b in range(min(MAX_TARGET_CHUNK, n_tgt - j) + 1)]
-            for j in range(n_tgt + 1)
-        ]
         cells: dict[tuple[int, int], dict[tuple[int, int], float]] = {(0, 0): {(self._bos, 1): 0.0}}
         for i in range(n_src):
             src_chunks = [
                 (a, SEQ_SEP.join(source[i : i + a]) + SIDE_SEP) for a in range(1, min(MAX_SOURCE_CHUNK, n_src - i) + 1)
             ]
-            # every source token yields 0-2 target tokens: only these j can still reach (n_src, n_tgt)
-            for j in range(max(0, n_tgt - MAX_TARGET_CHUNK * (n_src - i)), min(n_tgt, MAX_TARGET_CHUNK * i) + 1):
-                cell = cells.pop((i, j), None)
+            for node in range(len(children)):
+                cell = cells.pop((i, node), None)
                 if not cell:
                     continue
                 items = sorted(cell.items(), key=lambda kv: -kv[1])[:beam] if len(cell) > beam else list(cell.items())
                 for a, src_chunk in src_chunks:
-                    for b, tgt_chunk in tgt_chunks[j]:
+                    for nxt_node, tgt_chunk in chunks[node]:
                         token = ids.get(src_chunk + tgt_chunk)
                         if token is None:
                             continue
-                        nxt = cells.setdefault((i + a, j + b), {})
+                        nxt = cells.setdefault((i + a, nxt_node), {})
                         for state, value in items:
                             step = steps.get((state[0], state[1], token)) or self._step(state[0], state[1], token)
                             total = value + step[0]
                             after = (step[1], step[2])
                             if total > nxt.get(after, -math.inf):
                                 nxt[after] = total
-        final = cells.get((n_src, n_tgt))
-        if not final:
-            return None
-        return max(value + self._log_p(h, n, self._eos) for (h, n), value in final.items())
+        scores: dict[tuple[str, ...], float | None] = {}
+        for target, node in end_of.items():
+            final = cells.get((n_src, node))
+            scores[target] = (
+                max(value + self._log_p(h, n, self._eos) for (h, n), value in final.items()) if final else None
+            )
+        return [scores[t] for t in normalised]

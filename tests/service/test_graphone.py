@@ -135,3 +135,13 @@ def test_bad_files_raise_graphone_error(tmp_path: Path) -> None:
         GraphoneModel.load(junk)
     with pytest.raises(GraphoneError, match="not a regular expression"):
         GraphoneModel.from_arpa(tmp_path / "missing.arpa", strip="[")
+
+
+def test_scoring_many_targets_at_once_equals_scoring_each(arpa: Path) -> None:
+    """Targets sharing prefixes (and equal after normalisation) share the search, never its result."""
+    model = GraphoneModel.from_arpa(arpa, strip="[0-9]")
+    targets = [["AH", "B", "K"], ["AH0", "B", "K"], ["AE", "B"], ["AH", "B"], ["Z"], ["AH", "B", "K", "K"]]
+    together = model.score_many(list("abc"), targets, beam=100)
+    assert together == [model.score_many(list("abc"), [t], beam=100)[0] for t in targets]
+    assert together[0] == together[1] and together[0] is not None and together[4] is None
+    assert model.score_many([], targets) == [None] * len(targets)
