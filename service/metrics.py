@@ -2,7 +2,7 @@
 
 Prefix ``seqserve_``, base units, ``_total`` on counters, bounded labels (model, method,
 code, reason): never a request id. Recorded at boundaries (request, queue wait, encoder,
-decoder step, batch fill), never inside the pure beam-search core.
+decoder step, batch fill, rescoring), never inside the pure beam-search core.
 """
 
 from __future__ import annotations
@@ -41,6 +41,13 @@ class Metrics:
         self.step_seconds = Histogram(
             "seqserve_decoder_step_duration_seconds",
             "decoder step wall time (graph + beam bookkeeping)",
+            ["model"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.rescoring_seconds = Histogram(
+            "seqserve_rescoring_duration_seconds",
+            "re-ranking one request's n-best lists with the bundle's graphone n-gram",
             ["model"],
             buckets=STEP_BUCKETS,
             registry=r,

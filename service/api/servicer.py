@@ -110,12 +110,15 @@ class Seq2SeqServicer(pb_grpc.Seq2SeqServicer):
         await engine.decode(jobs, deadline)
         response = pb.TranslateResponse(model=bundle.name, version=bundle.version)
         generated = 0
+        started = time.perf_counter()
         for job, tokens in zip(jobs, source_tokens, strict=True):
             outs = bundle.outputs(job, tokens, opts.replace_unknowns, opts.rescore)
             generated += len(outs[0].tokens) if outs else 0
             response.translations.append(
                 pb.Translation(hypotheses=[hypothesis(o, opts.return_attention) for o in outs], source_tokens=tokens)
             )
+        if bundle.rescorer is not None and opts.rescore and opts.beam_size > 1:
+            self.metrics.rescoring_seconds.labels(bundle.name).observe(time.perf_counter() - started)
         self.metrics.generated_tokens.labels(bundle.name).inc(generated)
         return response
 

@@ -71,6 +71,9 @@ def test_serve_translate_and_sigterm(model_repo: Path) -> None:
         assert out.returncode == 0, out.stderr
         parsed = json.loads(out.stdout)
         assert len(parsed["translations"][0]["hypotheses"]) == 2
+        out = run_cli("translate", "--server", f"127.0.0.1:{port}", "--model", "rev", "--no-rescoring", "abc")
+        assert out.returncode == 0, out.stderr  # a bundle without a rescorer ranks by the model either way
+        assert out.stdout.splitlines() == ["c b a"]
         bad = run_cli("translate", "--server", f"127.0.0.1:{port}", "--model", "nope", "abc")
         assert bad.returncode == 1
         assert bad.stderr.startswith("seqserve translate: NOT_FOUND: no model named 'nope'")

@@ -401,6 +401,10 @@ def test_rescoring_bundle_serves_rescored_rankings_and_obeys_no_rescoring(
             stub = pb_grpc.Seq2SeqStub(channel)
             rescored = translate(stub, WORDS, beam_size=5, num_hypotheses=3)
             plain = translate(stub, WORDS, beam_size=5, num_hypotheses=3, no_rescoring=True)
+            translate(stub, WORDS[:2], beam_size=1)  # greedy: nothing to re-rank
+        url = f"http://127.0.0.1:{s.server.metrics_port}/metrics"
+        body = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert 'seqserve_rescoring_duration_seconds_count{model="rev"} 1.0' in body  # the rescored request only
     finally:
         s.stop()
     for job, r, p in zip(jobs, rescored.translations, plain.translations, strict=True):
