@@ -31,7 +31,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--parity-limit", type=non_negative_int, default=0, help="check parity on the first N dev inputs (0: all)"
     )
-    p.add_argument("--beam", type=positive_int, default=5, help="beam size of the n-best parity check")
+    p.add_argument(
+        "--beam", type=positive_int, default=5, help="beam of the n-best parity check (and of the rescoring tuning)"
+    )
     p.add_argument(
         "--graphone",
         type=Path,
