@@ -152,9 +152,8 @@ def run_graphone(args: argparse.Namespace) -> int:
 
     if _report_missing("graphone", [args.checkpoint]):
         return 2
-    print("seqserve graphone: aligning the training split and estimating the n-gram (minutes)...", file=sys.stderr)
     try:
-        record = build_from_checkpoint(args.checkpoint, args.out, args.order, args.strip)
+        record = build_from_checkpoint(args.checkpoint, args.out, args.order, args.strip, progress=True)
     except (GraphoneError, ValueError) as exc:  # tools missing or failing, unreadable checkpoint, data set missing
         print(f"seqserve graphone: {exc}", file=sys.stderr)
         return 2

@@ -17,9 +17,12 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from service.runtime.graphone import (
     MAX_SOURCE_CHUNK,
@@ -32,6 +35,8 @@ from service.runtime.graphone import (
 )
 from service.text import Tokenizer
 from training.data import Example
+
+ALIGN_ITERATIONS = 11  # EM iterations of the alignment (phonetisaurus-align's default)
 
 
 def tools() -> tuple[Path, dict[str, str]]:
@@ -72,17 +77,33 @@ def lexicon(
     return lines, skipped
 
 
-def _run(command: list[str], env: dict[str, str], what: str, cwd: Path) -> None:
+def _run(command: list[str], env: dict[str, str], what: str, cwd: Path, iterations: int = 0) -> None:
+    """Run one of the programs; its last output line names the failure. With ``iterations``, a progress bar
+    follows the EM iterations the aligner reports (``Iteration: N ...`` lines)."""
+    last: deque[str] = deque(maxlen=1)
     try:
-        proc = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, check=False)
+        with (
+            subprocess.Popen(
+                command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            ) as proc,
+            tqdm(total=iterations, desc="graphone: align (EM)", unit="iteration", disable=not iterations) as bar,
+        ):
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.strip():
+                    last.append(line.strip())
+                if line.startswith("Iteration:") and bar.n < iterations:
+                    bar.update(1)
+            code = proc.wait()
     except OSError as exc:
         raise GraphoneError(f"cannot run {command[0]}: {exc.strerror}") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise GraphoneError(f"{what} failed (exit status {proc.returncode}): {tail[0]}")
+    if code != 0:
+        raise GraphoneError(f"{what} failed (exit status {code}): {last[0] if last else 'no output'}")
 
 
-def train_graphones(lines: Sequence[str], out: Path, order: int, strip: str = "") -> GraphoneModel:
+def train_graphones(
+    lines: Sequence[str], out: Path, order: int, strip: str = "", progress: bool = False
+) -> GraphoneModel:
     """Align the lexicon lines, estimate the n-gram, write ``out`` (npz)."""
     if not lines:
         raise GraphoneError("no training pairs to align")
@@ -103,10 +124,12 @@ def train_graphones(lines: Sequence[str], out: Path, order: int, strip: str = ""
                 f"--seq1_max={MAX_SOURCE_CHUNK}",
                 f"--seq2_max={MAX_TARGET_CHUNK}",
                 "--grow=false",
+                f"--iter={ALIGN_ITERATIONS}",
             ],
             env,
             "the alignment (phonetisaurus-align)",
             tmp,
+            ALIGN_ITERATIONS if progress else 0,
         )
         if not (tmp / "train.corpus").stat().st_size:
             raise GraphoneError("the alignment produced no aligned pairs")
@@ -124,7 +147,9 @@ def train_graphones(lines: Sequence[str], out: Path, order: int, strip: str = ""
     return model
 
 
-def build_from_checkpoint(checkpoint: Path, out: Path, order: int, strip: str = "") -> dict[str, Any]:
+def build_from_checkpoint(
+    checkpoint: Path, out: Path, order: int, strip: str = "", progress: bool = False
+) -> dict[str, Any]:
     """The graphone model of a checkpoint's training split, in its tokenization."""
     from training.config import config_from_dict
     from training.train import load_checkpoint, load_datasets, tokenizers_from_checkpoint
@@ -135,7 +160,7 @@ def build_from_checkpoint(checkpoint: Path, out: Path, order: int, strip: str = 
     src_tok, tgt_tok = tokenizers_from_checkpoint(ckpt)
     train = load_datasets(cfg.data, cfg.train.seed).train
     lines, skipped = lexicon(train, src_tok, tgt_tok, strip)
-    model = train_graphones(lines, out, order, strip)
+    model = train_graphones(lines, out, order, strip, progress)
     return {
         "pairs": len(lines),
         "skipped": skipped,
