@@ -118,3 +118,17 @@ def test_a_bad_graphone_file_is_refused_before_any_export_work(tiny_checkpoint: 
     with pytest.raises(ExportError, match="cannot read the graphone model"):
         export_checkpoint(tiny_checkpoint, target, ExportOptions(name="m", version=1, graphone=junk, progress=False))
     assert not target.exists()
+
+
+def test_eval_reports_whether_the_bundle_rescored(rescored_bundle: Path, tmp_path: Path, capsys) -> None:
+    args = ["eval", str(rescored_bundle), "--split", "dev", "--limit", "30", "--json"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rescored"] is True
+    assert main([*args, "--no-rescoring"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rescored"] is False
+    damaged = tmp_path / "damaged"
+    shutil.copytree(rescored_bundle, damaged)
+    (damaged / "graphone.npz").write_bytes(b"junk")
+    assert main(["eval", str(damaged), "--limit", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"seqserve eval: {damaged}: graphone.npz is corrupted: sha256 ") and "\n" not in err
