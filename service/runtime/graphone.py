@@ -17,6 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -45,7 +46,7 @@ def graphone(source: Sequence[str], target: Sequence[str]) -> str:
 class NGrams:
     """The n-grams of one order: token ids (1-based) [n, order], log-probability and backoff (natural log) [n]."""
 
-    ids: npt.NDArray[np.int64]
+    ids: npt.NDArray[np.integer[Any]]  # int64 when read from ARPA, the file's uint16 / int32 when loaded
     log_prob: npt.NDArray[np.float32]
     backoff: npt.NDArray[np.float32]
 
@@ -178,7 +179,7 @@ class GraphoneModel:
                 while f"ids{k}" in data:
                     orders.append(
                         NGrams(
-                            data[f"ids{k}"].astype(np.int64).reshape(-1, k),
+                            data[f"ids{k}"].reshape(-1, k),  # kept as stored: 4x smaller than int64
                             data[f"log_prob{k}"].astype(np.float32),
                             data[f"backoff{k}"].astype(np.float32),
                         )
