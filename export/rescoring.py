@@ -139,6 +139,13 @@ def add_rescoring(
     metric = "wer" if stress else "nostress_wer"
     bundle = Bundle(directory)
     tuned = tune(bundle, model, examples, beam, max_len, stress, progress)
+    if tuned["unsegmented"] > tuned["hypotheses"] / 2:
+        log.warning(
+            "rescoring: the graphone model cannot segment %d of %d dev hypotheses; was it built from this model's "
+            "training split and tokenizers (seqserve graphone CHECKPOINT)?",
+            tuned["unsegmented"],
+            tuned["hypotheses"],
+        )
     shutil.copy2(graphone, directory / GRAPHONE_FILE)
     spec = RescoringSpec(GRAPHONE_FILE, model.order, tuned["weight"], tuned["length_weight"], FLOOR, VITERBI_BEAM)
     record = spec.to_dict() | {
