@@ -132,3 +132,23 @@ def test_eval_reports_whether_the_bundle_rescored(rescored_bundle: Path, tmp_pat
     assert main(["eval", str(damaged), "--limit", "5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"seqserve eval: {damaged}: graphone.npz is corrupted: sha256 ") and "\n" not in err
+
+
+def test_a_graphone_model_for_other_tokens_is_flagged(
+    tiny_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.service.test_graphone import ARPA
+
+    arpa = tmp_path / "other.arpa"
+    arpa.write_text(ARPA, encoding="utf-8")  # graphones of letters and ARPAbet: nothing of the reversal task
+    other = tmp_path / "other.npz"
+    GraphoneModel.from_arpa(arpa).save(other)
+    target = tmp_path / "repo" / "m" / "1"
+    with caplog.at_level("WARNING", logger="export.rescoring"):
+        manifest = export_checkpoint(
+            tiny_checkpoint, target, ExportOptions(name="m", version=1, parity_limit=20, progress=False, graphone=other)
+        )
+    assert "cannot segment" in caplog.text
+    tuning = manifest.rescoring["tuning"]
+    assert tuning["unsegmented"] == tuning["hypotheses"]
+    assert tuning["after"][tuning["metric"]] <= tuning["before"][tuning["metric"]]
