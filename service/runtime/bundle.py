@@ -85,7 +85,11 @@ class Bundle:
         if self.manifest.rescoring:
             spec = RescoringSpec.from_dict(self.manifest.rescoring)
             try:
-                self.rescorer = Rescorer(GraphoneModel.load(directory / spec.file), spec)
+                path = directory / spec.file
+                # shared only by a verified sha256: bundles with the same n-gram hold one copy of it
+                digest = self.manifest.files[spec.file]
+                model = GraphoneModel.shared(path, digest) if verify else GraphoneModel.load(path)
+                self.rescorer = Rescorer(model, spec)
             except GraphoneError as exc:
                 raise BundleError(f"cannot load the rescoring model: {exc}") from exc
 

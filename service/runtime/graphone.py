@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,10 @@ MAX_TARGET_CHUNK = 2
 LN10 = math.log(10.0)
 FORMAT = 1
 CACHE_LIMIT = 100_000  # remembered (history, token) steps (≈ 30 MB); common graphone histories repeat across words
+
+
+_SHARED: weakref.WeakValueDictionary[str, GraphoneModel] = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()  # bundles load on worker threads
 
 
 class GraphoneError(ValueError):
@@ -165,6 +171,17 @@ class GraphoneModel:
             arrays[f"backoff{k}"] = grams.backoff
         with path.open("wb") as f:
             np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+
+    @classmethod
+    def shared(cls, path: Path, sha256: str) -> GraphoneModel:
+        """:meth:`load`, or the model already loaded from a file with this sha256: bundles that carry the same
+        n-gram (an fp32 bundle and its int8 twin, a reloaded version) hold one copy while any of them lives."""
+        with _SHARED_LOCK:
+            model = _SHARED.get(sha256)
+            if model is None:
+                model = cls.load(path)
+                _SHARED[sha256] = model
+            return model
 
     @classmethod
     def load(cls, path: Path) -> GraphoneModel:

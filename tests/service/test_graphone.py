@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,3 +147,16 @@ def test_scoring_many_targets_at_once_equals_scoring_each(arpa: Path) -> None:
     assert together == [model.score_many(list("abc"), [t], beam=100)[0] for t in targets]
     assert together[0] == together[1] and together[0] is not None and together[4] is None
     assert model.score_many([], targets) == [None] * len(targets)
+
+
+def test_bundles_with_the_same_ngram_share_one_copy(arpa: Path, tmp_path: Path) -> None:
+    path = tmp_path / "g.npz"
+    GraphoneModel.from_arpa(arpa).save(path)
+    first = GraphoneModel.shared(path, "sha-1")
+    assert GraphoneModel.shared(path, "sha-1") is first
+    assert GraphoneModel.shared(path, "sha-2") is not first  # another file's hash: another copy
+    released = weakref.ref(first)
+    del first
+    gc.collect()
+    assert released() is None  # the share does not keep a model alive once no bundle holds it
+    assert GraphoneModel.shared(path, "sha-1").score(list("abc"), ["AH", "B", "K"]) is not None
