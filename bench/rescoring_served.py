@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.serving import ROOT, ServerProcess, closed_loop, test_words
+from bench.serving import ROOT, ServerProcess, closed_loop, test_words, write_result
 
 
 def main() -> int:
@@ -59,9 +58,7 @@ def main() -> int:
         "p50_ratio_1": medians["rescored_1"]["p50_ms"] / medians["plain_1"]["p50_ms"],
     }
     print(json.dumps(summary))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"started": started, "machine": platform.processor() or platform.machine(), "beam": args.beam}
-    args.out.write_text(json.dumps(record | {"medians": medians, "summary": summary, "runs": runs}, indent=2) + "\n")
+    write_result(args.out, started, args.beam, {"medians": medians, "summary": summary, "runs": runs})
     return 0
 
 

@@ -69,10 +69,15 @@ def per_bundle_main(
     for bundle_dir in args.bundles:
         results.append(measure(bundle_dir, test, args))
         print(describe(results[-1]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"started": started, "machine": platform.processor() or platform.machine(), "beam": args.beam}
-    args.out.write_text(json.dumps(record | {"words": args.words, "results": results}, indent=2) + "\n")
+    write_result(args.out, started, args.beam, {"words": args.words, "results": results})
     return 0
+
+
+def write_result(out: Path, started: str, beam: int, body: dict[str, Any]) -> None:
+    """A benchmark's JSON record: when it started, on what machine, at which beam, then ``body``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"started": started, "machine": platform.processor() or platform.machine(), "beam": beam}
+    out.write_text(json.dumps(record | body, indent=2) + "\n")
 
 
 def test_words(limit: int, seed: int) -> list[str]:

@@ -16,9 +16,10 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
+from export.decoding import decode_in_order
 from export.onnx_export import ExportError, atomic_bundle_dir, graph_spec, make_manifest, publish, write_bundle
 from export.rescoring import add_rescoring, load_graphone
-from service.engine.batch import Job, decode_all
+from service.engine.batch import decode_all
 from service.engine.beam import SearchOptions
 from service.runtime.bundle import Bundle
 from service.runtime.manifest import Manifest, read_manifest, write_manifest
@@ -184,16 +185,11 @@ def evaluate_bundle(
     options = SearchOptions(beam_size=beam, n_best=1, max_len=max_len)
     jobs = [bundle.make_job(ex.src, options, max_source_length=10_000, tag=i) for i, ex in enumerate(examples)]
     start = time.perf_counter()
-    done: dict[int, Job] = {}
-    chunk = 512
-    for s in tqdm(range(0, len(jobs), chunk), desc=desc, unit="chunk", disable=not progress):
-        done.update(
-            {j.tag: j for j in decode_all(bundle.runtime, jobs[s : s + chunk], copy=bundle.copy, pad_id=bundle.pad)}
-        )
+    done = decode_in_order(bundle, jobs, progress, desc)
     seconds = time.perf_counter() - start
     hyps, log_probs = [], []
-    for i, ex in enumerate(examples):
-        outs = bundle.outputs(done[i], bundle.source_tokens(ex.src), rescore=rescore)
+    for ex, job in zip(examples, done, strict=True):
+        outs = bundle.outputs(job, bundle.source_tokens(ex.src), rescore=rescore)
         hyps.append(outs[0].tokens if outs else [])
         log_probs.append(outs[0].log_prob if outs else -math.inf)
     refs = [[bundle.tgt_tok.tokenize(r) for r in ex.refs] for ex in examples]

@@ -2,8 +2,9 @@
 
 The bundle's beam search runs on every dev source keeping all its finished hypotheses; each is scored by the
 graphone model once; a grid over (weight, length_weight) picks the pair under which the most dev sources get an
-exact-match best hypothesis (with stress removed when the run selected on a ``nostress_`` metric). The bundle is
-then decoded again through :meth:`Bundle.outputs`, the path the server takes, and must reproduce the tuned figure.
+exact-match best hypothesis (with stress removed when the run selected on a ``nostress_`` metric). The same
+searches are then re-ranked through :meth:`Bundle.outputs` of the bundle as written (manifest and n-gram read back,
+the path the server takes), which must reproduce the tuned figure.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from export.decoding import decode_in_order
 from export.onnx_export import ExportError
-from service.engine.batch import Job, decode_all
+from service.engine.batch import Job
 from service.engine.beam import SearchOptions
 from service.runtime.bundle import Bundle
 from service.runtime.graphone import GraphoneError, GraphoneModel
@@ -44,31 +46,25 @@ def load_graphone(path: Path) -> GraphoneModel:
         raise ExportError(str(exc)) from None
 
 
-def _decode(
-    bundle: Bundle, examples: Sequence[Example], options: SearchOptions, progress: bool, desc: str
-) -> list[Job]:
-    """Every example decoded through the serving beam search (``decode_all``), in order."""
-    jobs = [bundle.make_job(ex.src, options, max_source_length=10_000, tag=i) for i, ex in enumerate(examples)]
-    done: dict[int, Job] = {}
-    for s in tqdm(range(0, len(jobs), 512), desc=desc, unit="chunk", disable=not progress):
-        done.update(
-            {j.tag: j for j in decode_all(bundle.runtime, jobs[s : s + 512], copy=bundle.copy, pad_id=bundle.pad)}
-        )
-    return [done[i] for i in range(len(examples))]
+def _matches(tokens: Sequence[str], accepted: set[tuple[str, ...]], stress: bool) -> bool:
+    return tuple(tokens if stress else strip_stress(tokens)) in accepted
+
+
+def _accepted(refs: Sequence[Sequence[str]], stress: bool) -> set[tuple[str, ...]]:
+    """The tokenized references as exact matching compares them."""
+    return {tuple(r if stress else strip_stress(r)) for r in refs}
 
 
 def tune(
     bundle: Bundle,
     model: GraphoneModel,
     examples: Sequence[Example],
-    beam: int,
-    max_len: int,
+    jobs: Sequence[Job],
     stress: bool,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The grid search; returns the chosen weights and the dev figures before and after."""
-    options = SearchOptions(beam_size=beam, n_best=beam, max_len=max_len)
-    jobs = _decode(bundle, examples, options, progress, "rescoring: decode dev")
+    """The grid search over the finished searches ``jobs`` of ``examples`` (in order); returns the chosen weights
+    and the dev figures before and after."""
     width = max([1, *(len(j.search.finished) for j in jobs)])
     n = len(examples)
     base = np.full((n, width), -np.inf)
@@ -86,7 +82,7 @@ def tune(
     ):
         src = bundle.source_tokens(ex.src)
         outs = [bundle.output(h, src, False) for h in job.search.finished]
-        accepted = {tuple(r if stress else strip_stress(r)) for r in refs[i]}
+        accepted = _accepted(refs[i], stress)
         tokens.append([o.tokens for o in outs])
         log_probs.append([o.log_prob for o in outs])
         values = model.score_many(src, [o.tokens for o in outs], VITERBI_BEAM)
@@ -95,7 +91,7 @@ def tune(
             base[i, k] = o.score
             graph[i, k] = FLOOR if value is None else value
             length[i, k] = len(o.tokens) + 1
-            right[i, k] = tuple(o.tokens if stress else strip_stress(o.tokens)) in accepted
+            right[i, k] = _matches(o.tokens, accepted, stress)
     rows = np.arange(n)
 
     def picks(weight: float, length_weight: float) -> np.ndarray[Any, Any]:
@@ -138,7 +134,10 @@ def add_rescoring(
     stress = not select_on.startswith("nostress")
     metric = "wer" if stress else "nostress_wer"
     bundle = Bundle(directory)
-    tuned = tune(bundle, model, examples, beam, max_len, stress, progress)
+    options = SearchOptions(beam_size=beam, n_best=beam, max_len=max_len)
+    jobs = [bundle.make_job(ex.src, options, max_source_length=10_000, tag=i) for i, ex in enumerate(examples)]
+    jobs = decode_in_order(bundle, jobs, progress, "rescoring: decode dev")
+    tuned = tune(bundle, model, examples, jobs, stress, progress)
     if tuned["unsegmented"] > tuned["hypotheses"] / 2:
         log.warning(
             "rescoring: the graphone model cannot segment %d of %d dev hypotheses; was it built from this model's "
@@ -170,12 +169,12 @@ def add_rescoring(
     updated = replace(manifest, files=files, rescoring=record)
     write_manifest(directory, updated)
     served = Bundle(directory)  # verifies the sha256 and loads the rescorer as the server does
-    options = SearchOptions(beam_size=beam, n_best=1, max_len=max_len)
     hits = 0
-    for ex, job in zip(examples, _decode(served, examples, options, progress, "rescoring: check"), strict=True):
+    for ex, job in zip(examples, jobs, strict=True):  # the same searches, re-ranked the way the server does it
         outs = served.outputs(job, served.source_tokens(ex.src))
-        accepted = {tuple(r if stress else strip_stress(r)) for r in (served.tgt_tok.tokenize(x) for x in ex.refs)}
-        hits += bool(outs) and tuple(outs[0].tokens if stress else strip_stress(outs[0].tokens)) in accepted
+        hits += bool(outs) and _matches(
+            outs[0].tokens, _accepted([served.tgt_tok.tokenize(x) for x in ex.refs], stress), stress
+        )
     served_wer = 1 - hits / max(len(examples), 1)
     if abs(served_wer - tuned["after"][metric]) > 1e-9:
         raise ExportError(

@@ -244,7 +244,7 @@ def run_eval(args: argparse.Namespace) -> int:
         except BundleError as exc:
             print(f"seqserve eval: {bundles[0]}: {exc}", file=sys.stderr)
             return 2
-        rescored = bundle.rescorer is not None and not args.no_rescoring and args.beam > 1
+        rescored = bundle.rescores(args.beam, not args.no_rescoring)
         scores, _ = evaluate_bundle(
             bundle, examples, args.beam, args.max_len, progress=True, rescore=not args.no_rescoring
         )

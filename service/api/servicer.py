@@ -117,7 +117,7 @@ class Seq2SeqServicer(pb_grpc.Seq2SeqServicer):
             response.translations.append(
                 pb.Translation(hypotheses=[hypothesis(o, opts.return_attention) for o in outs], source_tokens=tokens)
             )
-        if bundle.rescorer is not None and opts.rescore and opts.beam_size > 1:
+        if bundle.rescores(opts.beam_size, opts.rescore):
             self.metrics.rescoring_seconds.labels(bundle.name).observe(time.perf_counter() - started)
         self.metrics.generated_tokens.labels(bundle.name).inc(generated)
         return response

@@ -39,25 +39,22 @@ class Rescorer:
     model: GraphoneModel
     spec: RescoringSpec
 
-    def graphone(self, source_tokens: Sequence[str], tokens: Sequence[str]) -> float:
-        value = self.model.score(source_tokens, tokens, self.spec.beam)
-        return self.spec.floor if value is None else value
-
     def rescore(self, score: float, source_tokens: Sequence[str], tokens: Sequence[str]) -> float:
-        return self._combine(score, self.graphone(source_tokens, tokens), len(tokens))
+        """One hypothesis's rescored value."""
+        return self.rescore_all(source_tokens, [(score, tokens)])[0]
 
     def rescore_all(
         self, source_tokens: Sequence[str], hypotheses: Sequence[tuple[float, Sequence[str]]]
     ) -> list[float]:
-        """:meth:`rescore` of every (score, tokens) of one source, the graphone search shared between them."""
+        """score + weight * graphone log-probability (floor when unsegmentable) + length_weight * (tokens + 1) of
+        every (score, tokens) of one source, the graphone search shared between them."""
         graph = self.model.score_many(source_tokens, [tokens for _, tokens in hypotheses], self.spec.beam)
         return [
-            self._combine(score, self.spec.floor if g is None else g, len(tokens))
+            score
+            + self.spec.weight * (self.spec.floor if g is None else g)
+            + self.spec.length_weight * (len(tokens) + 1)
             for (score, tokens), g in zip(hypotheses, graph, strict=True)
         ]
-
-    def _combine(self, score: float, graphone: float, length: int) -> float:
-        return score + self.spec.weight * graphone + self.spec.length_weight * (length + 1)
 
 
 class Bundle:
@@ -119,14 +116,18 @@ class Bundle:
         search = BeamSearch(options, len(ids), self.bos, self.eos, self.pad, vocab_limit=vocab_limit)
         return Job(search=search, src_ids=ids, src_ext=ext, tag=tag)
 
+    def rescores(self, beam_size: int, rescore: bool = True) -> bool:
+        """Whether :meth:`outputs` re-ranks a search of this beam size: the bundle has a rescorer, the request did
+        not opt out, and there is more than one hypothesis to choose from (greedy search and sampling have not)."""
+        return self.rescorer is not None and rescore and beam_size >= 2
+
     def outputs(
         self, job: Job, source_tokens: list[str], replace_unknowns: bool = False, rescore: bool = True
     ) -> list[Output]:
-        """The n-best of a finished job, best first. With a rescorer (and ``rescore``), every hypothesis the beam
-        finished is re-ranked first and ``score`` is the rescored value; greedy search and sampling (beam 1)
-        have nothing to re-rank and keep the model's score."""
+        """The n-best of a finished job, best first. When :meth:`rescores`, every hypothesis the beam finished is
+        re-ranked first and ``score`` is the rescored value; otherwise the model's ranking and score."""
         search = job.search
-        if self.rescorer is None or not rescore or search.options.beam_size < 2:
+        if self.rescorer is None or not self.rescores(search.options.beam_size, rescore):  # (None: for the type)
             return [self.output(h, source_tokens, replace_unknowns) for h in search.results()]
         outs = [self.output(h, source_tokens, replace_unknowns) for h in search.finished]
         values = self.rescorer.rescore_all(source_tokens, [(o.score, o.tokens) for o in outs])
