@@ -136,7 +136,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
 def add_graphone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="the model whose training split and tokenizers to use")
     p.add_argument("--out", type=Path, required=True, help="the graphone model to write (.npz)")
-    p.add_argument("--order", type=positive_int, default=5, help="n-gram order (default 5)")
+    p.add_argument(
+        "--order",
+        type=positive_int,
+        default=7,
+        help="n-gram order (default 7; re-ranking the shipped G2P model on CMUdict dev, 5 / 7 / 8 give "
+        "22.55 / 22.34 / 22.39 %% WER)",
+    )
     p.add_argument(
         "--strip",
         default="",

@@ -8,6 +8,10 @@ so adding the n-gram's log-probability to the beam's score re-ranks the n-best l
 (``docs/export.md#rescoring``).
 
 Pure Python and numpy: the server loads it from a bundle's ``graphone.npz`` (written by ``seqserve graphone``).
+The file stores the n-grams as a trie (each n-gram: its last token and the index of its (n-1)-gram prefix) and the
+values of orders >= 2 as codes into a codebook of 1,024 levels per order and kind, as KenLM quantizes its binary
+models; the unigrams stay exact. (With 8 bits the shipped 7-gram re-ranked dev 0.07 points worse than in float32;
+with 10 bits the same as float32.)
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -32,7 +36,10 @@ BOS, EOS = "<s>", "</s>"
 MAX_SOURCE_CHUNK = 2
 MAX_TARGET_CHUNK = 2
 LN10 = math.log(10.0)
-FORMAT = 1
+FORMAT = 2  # 2: trie + codebooks; 1 (still read): every n-gram's token ids and float32 values
+READABLE_FORMATS = (1, 2)
+QUANTIZE_BITS = 10
+LLOYD_ITERATIONS = 5
 CACHE_LIMIT = 100_000  # remembered (history, token) steps (≈ 30 MB); common graphone histories repeat across words
 
 
@@ -55,6 +62,47 @@ class NGrams:
     ids: npt.NDArray[np.integer[Any]]  # int64 when read from ARPA, the file's uint16 / int32 when loaded
     log_prob: npt.NDArray[np.float32]
     backoff: npt.NDArray[np.float32]
+
+
+def shared_floats(values: npt.NDArray[np.floating[Any]]) -> list[float]:
+    """``values.tolist()`` where equal values are one Python float object: a quantized model's dictionaries then
+    hold references to its codebook's 256 floats instead of one 24-byte object per n-gram."""
+    unique, inverse = np.unique(values, return_inverse=True)
+    objects = unique.tolist()
+    return [objects[i] for i in inverse.ravel().tolist()]
+
+
+def quantize(
+    values: npt.NDArray[np.float32], bits: int = QUANTIZE_BITS
+) -> tuple[npt.NDArray[np.unsignedinteger[Any]], npt.NDArray[np.float32]]:
+    """Codes and codebook (ascending) with ``codebook[codes] ≈ values``; exact when there are at most 2**bits
+    distinct values, so re-saving a loaded model writes the same arrays. Otherwise 0.0 (a back-off weight of 1)
+    keeps its own level and the other values share the rest, placed by Lloyd's algorithm (least squared error,
+    weighted by how often each value occurs) from levels spread evenly over the distinct values, so the rare
+    extremes keep levels of their own."""
+    unique, inverse = np.unique(values, return_inverse=True)
+    if len(unique) <= 2**bits:
+        return smallest_uint(inverse.ravel()), unique.astype(np.float32)
+    flat = values.astype(np.float64).ravel()
+    distinct, counts = np.unique(flat[flat != 0.0], return_counts=True)
+    levels = 2**bits - (1 if (flat == 0.0).any() else 0)
+    centers = distinct[np.linspace(0, len(distinct) - 1, levels).round().astype(np.int64)]
+    for _ in range(LLOYD_ITERATIONS):
+        bins = np.searchsorted((centers[1:] + centers[:-1]) / 2, distinct)
+        weight = np.bincount(bins, weights=counts, minlength=levels)
+        total = np.bincount(bins, weights=distinct * counts, minlength=levels)
+        centers = np.where(weight > 0, total / np.maximum(weight, 1.0), centers)
+    codes = np.searchsorted((centers[1:] + centers[:-1]) / 2, flat)
+    approx = np.where(flat == 0.0, 0.0, centers[codes]).astype(np.float32)
+    return quantize(approx, bits)  # now at most 2**bits distinct values: the exact (canonical) form
+
+
+def smallest_uint(values: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.unsignedinteger[Any]]:
+    top = int(values.max()) if len(values) else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return values.astype(dtype)
+    return values.astype(np.uint64)
 
 
 def target_pattern(strip: str) -> re.Pattern[str] | None:
@@ -95,8 +143,10 @@ class GraphoneModel:
             for col in range(grams.ids.shape[1]):
                 keys = keys * self._base + grams.ids[:, col].astype(object)
             key_list = keys.tolist()
-            self._log_prob.update(zip(key_list, grams.log_prob.tolist(), strict=True))
-            self._backoff.update((k, b) for k, b in zip(key_list, grams.backoff.tolist(), strict=True) if b != 0.0)
+            self._log_prob.update(zip(key_list, shared_floats(grams.log_prob), strict=True))
+            self._backoff.update(
+                (k, b) for k, b in zip(key_list, shared_floats(grams.backoff), strict=True) if b != 0.0
+            )
         self._bos = self._ids[BOS]
         self._eos = self._ids[EOS]
         self.size = sum(len(g.ids) for g in self.orders)
@@ -160,15 +210,42 @@ class GraphoneModel:
         return cls(tokens, orders, strip)
 
     def save(self, path: Path) -> None:
+        """Write the model as a trie with codebooks (format 2): lossy above the unigrams, ≈ 2.5x smaller
+        than float32 arrays. Needs every n-gram's (n-1)-gram prefix in the model, as ARPA files from MITLM,
+        KenLM and SRILM have."""
         arrays: dict[str, npt.NDArray[np.generic]] = {
             "format": np.asarray([FORMAT]),
             "tokens": np.asarray(self.tokens, dtype=str),
             "strip": np.asarray([self.strip], dtype=str),
         }
+        previous: npt.NDArray[np.int64] | None = None
         for k, grams in enumerate(self.orders, 1):
-            arrays[f"ids{k}"] = grams.ids.astype(np.uint16 if self._base <= 65536 else np.int32)
-            arrays[f"log_prob{k}"] = grams.log_prob
-            arrays[f"backoff{k}"] = grams.backoff
+            ids = grams.ids.astype(np.int64)
+            rank = np.lexsort(ids.T[::-1])
+            ids = ids[rank]
+            if k == 1:
+                if not np.array_equal(ids[:, 0], np.arange(1, len(self.tokens) + 1)):
+                    raise GraphoneError("the unigrams must be the tokens, in order")
+                arrays["log_prob1"] = grams.log_prob[rank]
+                arrays["backoff1"] = grams.backoff[rank]
+            else:
+                assert previous is not None
+                lower = keys_of(previous, self._base)
+                wanted = keys_of(ids[:, :-1], self._base)
+                index = np.searchsorted(lower, wanted)
+                found = index < len(lower)
+                found[found] = lower[index[found]] == wanted[found]
+                if not found.all():
+                    missing = ids[int(np.argmin(found))]
+                    raise GraphoneError(
+                        f"the {k}-gram {' '.join(self.tokens[i - 1] for i in missing)} has no {k - 1}-gram prefix "
+                        "in the model; it cannot be stored as a trie"
+                    )
+                arrays[f"token{k}"] = smallest_uint(ids[:, -1])
+                arrays[f"prefix{k}"] = smallest_uint(np.diff(index, prepend=0))  # non-decreasing: small steps
+                arrays[f"log_prob_code{k}"], arrays[f"log_prob_book{k}"] = quantize(grams.log_prob[rank])
+                arrays[f"backoff_code{k}"], arrays[f"backoff_book{k}"] = quantize(grams.backoff[rank])
+            previous = ids
         with path.open("wb") as f:
             np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
 
@@ -187,22 +264,15 @@ class GraphoneModel:
     def load(cls, path: Path) -> GraphoneModel:
         try:
             with np.load(path, allow_pickle=False) as data:
-                if "format" not in data or int(data["format"][0]) != FORMAT:
-                    raise GraphoneError(f"{path} is not a graphone model of format {FORMAT}")
+                found = int(data["format"][0]) if "format" in data else None
+                if found not in READABLE_FORMATS:
+                    raise GraphoneError(
+                        f"{path} is not a graphone model of format {' or '.join(map(str, READABLE_FORMATS))}"
+                    )
                 tokens = [str(t) for t in data["tokens"].tolist()]
                 strip = str(data["strip"][0])
-                orders = []
-                k = 1
-                while f"ids{k}" in data:
-                    orders.append(
-                        NGrams(
-                            data[f"ids{k}"].reshape(-1, k),  # kept as stored: 4x smaller than int64
-                            data[f"log_prob{k}"].astype(np.float32),
-                            data[f"backoff{k}"].astype(np.float32),
-                        )
-                    )
-                    k += 1
-        except (OSError, ValueError, KeyError) as exc:
+                orders = read_format_1(data) if found == 1 else read_format_2(data, len(tokens))
+        except (OSError, ValueError, KeyError, IndexError) as exc:
             if isinstance(exc, GraphoneError):
                 raise
             raise GraphoneError(f"cannot read the graphone model {path}: {exc}") from None
@@ -312,3 +382,42 @@ class GraphoneModel:
                 max(value + self._log_p(h, n, self._eos) for (h, n), value in final.items()) if final else None
             )
         return [scores[t] for t in normalised]
+
+
+def keys_of(ids: npt.NDArray[np.int64], base: int) -> npt.NDArray[Any]:
+    """One sortable key per row of token ids (object integers when int64 could overflow)."""
+    wide = base ** ids.shape[1] >= 2**63
+    keys: npt.NDArray[Any] = np.zeros(len(ids), dtype=object if wide else np.int64)
+    for col in range(ids.shape[1]):
+        keys = keys * base + (ids[:, col].astype(object) if wide else ids[:, col])
+    return keys
+
+
+def read_format_1(data: Any) -> list[NGrams]:
+    orders = []
+    k = 1
+    while f"ids{k}" in data:
+        orders.append(
+            NGrams(
+                data[f"ids{k}"].reshape(-1, k),  # kept as stored: 4x smaller than int64
+                data[f"log_prob{k}"].astype(np.float32),
+                data[f"backoff{k}"].astype(np.float32),
+            )
+        )
+        k += 1
+    return orders
+
+
+def read_format_2(data: Any, n_tokens: int) -> list[NGrams]:
+    dtype = np.uint16 if n_tokens < 65536 else np.int32
+    ids = cast("npt.NDArray[np.integer[Any]]", np.arange(1, n_tokens + 1, dtype=dtype)[:, None])
+    orders = [NGrams(ids, data["log_prob1"].astype(np.float32), data["backoff1"].astype(np.float32))]
+    k = 2
+    while f"token{k}" in data:
+        prefix = np.cumsum(data[f"prefix{k}"], dtype=np.int64)
+        ids = np.concatenate([ids[prefix], data[f"token{k}"].astype(dtype).reshape(-1, 1)], axis=1)
+        log_prob = data[f"log_prob_book{k}"][data[f"log_prob_code{k}"]].astype(np.float32)
+        backoff = data[f"backoff_book{k}"][data[f"backoff_code{k}"]].astype(np.float32)
+        orders.append(NGrams(ids, log_prob, backoff))
+        k += 1
+    return orders

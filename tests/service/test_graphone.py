@@ -8,10 +8,12 @@ import math
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
-from service.runtime.graphone import LN10, GraphoneError, GraphoneModel, graphone
+from service.runtime.graphone import LN10, GraphoneError, GraphoneModel, graphone, quantize
 
 # a hand-written bigram model over graphones (log10), with backoff weights
 ARPA = """
@@ -160,3 +162,92 @@ def test_bundles_with_the_same_ngram_share_one_copy(arpa: Path, tmp_path: Path) 
     gc.collect()
     assert released() is None  # the share does not keep a model alive once no bundle holds it
     assert GraphoneModel.shared(path, "sha-1").score(list("abc"), ["AH", "B", "K"]) is not None
+
+
+def random_arpa(rng: np.random.Generator, n_tokens: int = 30, per_order: int = 1500, order: int = 3) -> str:
+    """A prefix-closed ARPA model with thousands of distinct values (more than the codebooks' 1,024 levels)."""
+    tokens = ["<s>", "</s>", *(f"t{i}}}X{i}" for i in range(n_tokens))]
+    grams: list[list[tuple[str, ...]]] = [[(t,) for t in tokens]]
+    for _ in range(2, order + 1):
+        lower = grams[-1]
+        found = {(*lower[rng.integers(len(lower))], tokens[rng.integers(len(tokens))]) for _ in range(per_order)}
+        grams.append(sorted(found))
+    lines = ["\\data\\", *(f"ngram {k}={len(g)}" for k, g in enumerate(grams, 1))]
+    for k, order_grams in enumerate(grams, 1):
+        lines += ["", f"\\{k}-grams:"]
+        for gram in order_grams:
+            backoff = "" if k == order else (" 0" if rng.random() < 0.2 else f" {-rng.random():.6f}")
+            lines.append(f"{-6 * rng.random():.6f} {' '.join(gram)}{backoff}")
+    return "\n".join([*lines, "", "\\end\\", ""])
+
+
+def values_by_key(model: GraphoneModel) -> tuple[dict[int, float], dict[int, float]]:
+    return model._log_prob, model._backoff
+
+
+def test_the_file_is_a_quantized_trie_that_keeps_every_ngram(tmp_path: Path) -> None:
+    arpa = tmp_path / "r.arpa"
+    arpa.write_text(random_arpa(np.random.default_rng(0)), encoding="utf-8")
+    model = GraphoneModel.from_arpa(arpa)
+    path = tmp_path / "r.npz"
+    model.save(path)
+    loaded = GraphoneModel.load(path)
+    (lp, bo), (lp2, bo2) = values_by_key(model), values_by_key(loaded)
+    assert lp.keys() == lp2.keys() and bo.keys() == bo2.keys()  # zero back-off weights stay exactly zero
+    error = np.abs(np.array([lp[k] - lp2[k] for k in lp] + [bo[k] - bo2[k] for k in bo]))
+    assert 0 < error.max() < 0.05 and error.mean() < 0.005  # lossy above the unigrams, but fine-grained
+    unigrams = [k for k in lp if k < loaded._base]
+    assert all(lp[k] == lp2[k] for k in unigrams)  # unigrams are exact
+    again = tmp_path / "again.npz"
+    loaded.save(again)  # a quantized model is stored exactly: re-saving changes nothing
+    with np.load(path) as first, np.load(again) as second:
+        assert first.files == second.files
+        assert all(np.array_equal(first[name], second[name]) for name in first.files)
+    assert path.stat().st_size < 0.6 * arpa.stat().st_size
+
+
+def test_quantize_is_exact_for_few_values_and_keeps_zero() -> None:
+    few = np.asarray([-1.5, 0.0, -1.5, -2.25], dtype=np.float32)
+    codes, book = quantize(few)
+    assert np.array_equal(book[codes], few)
+    many = np.random.default_rng(1).normal(-3, 1, 50_000).astype(np.float32)
+    many[::7] = 0.0
+    codes, book = quantize(many, bits=8)
+    assert len(book) <= 256 and np.all(book[codes][::7] == 0.0)
+    coarse = np.abs(book[codes] - many).mean()
+    codes, book = quantize(many)  # the default, 10 bits
+    assert len(book) <= 1024 and np.all(book[codes][::7] == 0.0)
+    assert np.abs(book[codes] - many).mean() < coarse / 2 < 0.005  # least squares: fine where values are many
+
+
+def test_format_1_files_still_load(arpa: Path, tmp_path: Path) -> None:
+    model = GraphoneModel.from_arpa(arpa, strip="[0-9]")
+    arrays: dict[str, np.ndarray[Any, Any]] = {
+        "format": np.asarray([1]),
+        "tokens": np.asarray(model.tokens, dtype=str),
+        "strip": np.asarray([model.strip], dtype=str),
+    }
+    for k, grams in enumerate(model.orders, 1):
+        arrays |= {f"ids{k}": grams.ids.astype(np.uint16), f"log_prob{k}": grams.log_prob, f"backoff{k}": grams.backoff}
+    path = tmp_path / "v1.npz"
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+    loaded = GraphoneModel.load(path)
+    assert loaded.score(list("abc"), ["AH1", "B", "K"]) == model.score(list("abc"), ["AH1", "B", "K"])
+    arrays["format"] = np.asarray([7])
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+    with pytest.raises(GraphoneError, match="format 1 or 2"):
+        GraphoneModel.load(path)
+
+
+def test_a_model_without_prefixes_cannot_be_saved(tmp_path: Path) -> None:
+    arpa = tmp_path / "holes.arpa"
+    arpa.write_text(
+        ARPA.replace("ngram 2=6", "ngram 2=6\nngram 3=1").replace(
+            "\\end\\", "\\3-grams:\n-0.1 c}K a}AH b}B\n\n\\end\\"
+        ),
+        encoding="utf-8",
+    )
+    model = GraphoneModel.from_arpa(arpa)  # scoring works; only the trie needs "c}K a}AH" as a 2-gram
+    assert model.score(list("cab"), ["K", "AH", "B"]) is not None
+    with pytest.raises(GraphoneError, match="has no 2-gram prefix"):
+        model.save(tmp_path / "holes.npz")
