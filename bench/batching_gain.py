@@ -1,6 +1,6 @@
 """How much batching itself gains per bundle, with no server in the way.
 
-    python -m bench.batching_gain models/g2p-en/1 models/g2p-en-int8/1 --out bench/results/batching-gain.json
+    python -m bench.batching_gain models/g2p-en/2 models/g2p-en-int8/2 --out bench/results/batching-gain.json
 
 For each bundle, on the same CMUdict test words, beam 5, one onnxruntime thread: the bare cost of one word
 (its encoder call plus the decoder-step calls its search makes, nothing else; median over words, best of 3

@@ -1,6 +1,6 @@
 """Decoder-step call: plain ``InferenceSession.run`` vs IO binding, side by side (BENCHMARKS.md).
 
-python -m bench.iobinding --bundle models/g2p-en/1
+python -m bench.iobinding --bundle models/g2p-en/2
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def median_us(fn: Callable[[], Any], calls: int = 400) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--bundle", type=Path, default=Path("models/g2p-en/1"))
+    p.add_argument("--bundle", type=Path, default=Path("models/g2p-en/2"))
     p.add_argument("--rows", type=int, nargs="+", default=[5, 80])
     args = p.parse_args()
     bundle = Bundle(args.bundle, threads=1)

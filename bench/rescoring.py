@@ -1,6 +1,6 @@
 """What graphone rescoring costs beside the decode it follows, with no server in the way.
 
-    python -m bench.rescoring models/g2p-en/1 models/g2p-en-int8/1 --out bench/results/rescoring.json
+    python -m bench.rescoring models/g2p-en/2 models/g2p-en-int8/2 --out bench/results/rescoring.json
 
 For each bundle with a rescorer, on the same CMUdict test words, beam 5, one onnxruntime thread: the engine's
 search decodes the words offline 64 at a time (seconds per word), then each word's n-best is turned into outputs

@@ -98,7 +98,7 @@ def test_int8_bundle_records_quality_and_speed(tmp_path: Path) -> None:
 
 
 def test_shipped_g2p_bundle_carries_parity_and_hashes() -> None:
-    bundle_dir = ROOT / "models" / "g2p-en" / "1"
+    bundle_dir = ROOT / "models" / "g2p-en" / "2"
     manifest = read_manifest(bundle_dir)
     verify_files(bundle_dir, manifest)
     assert manifest.parity["nbest_identical_rate"] >= 0.999
@@ -110,7 +110,7 @@ def test_shipped_g2p_bundle_carries_parity_and_hashes() -> None:
     total = sum(p.stat().st_size for p in (ROOT / "models").rglob("*") if p.is_file())
     assert total < 30 * 1024 * 1024
     assert json.loads((bundle_dir / "manifest.json").read_text())["training"]["data"]["name"] == "cmudict"
-    for shipped in (bundle_dir, ROOT / "models" / "g2p-en-int8" / "1"):  # both re-rank with a graphone n-gram
+    for shipped in (bundle_dir, ROOT / "models" / "g2p-en-int8" / "2"):  # both re-rank with a graphone n-gram
         tuning = read_manifest(shipped).rescoring["tuning"]
         assert tuning["examples"] >= 6000 and tuning["metric"] == "nostress_wer"
         assert tuning["after"]["nostress_wer"] < tuning["before"]["nostress_wer"]

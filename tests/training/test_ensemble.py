@@ -129,7 +129,7 @@ def test_eval_decodes_several_checkpoints_as_an_ensemble(tmp_path: Path, capsys:
     assert 0.0 < result["confidence"] <= 1.0 and 0.0 <= result["ece"] <= 1.0
     assert main(["eval", ckpt, "--split", "dev", "--limit", "20", "--beam", "2"]) == 0
     assert "expected calibration error" in capsys.readouterr().out
-    assert main(["eval", ckpt, str(ROOT / "models" / "g2p-en" / "1")]) == 2
+    assert main(["eval", ckpt, str(ROOT / "models" / "g2p-en" / "2")]) == 2
     assert "one bundle directory, or one or more checkpoints" in capsys.readouterr().err
     assert main(["eval", ckpt, str(ROOT / "README.md")]) == 2
     assert "README.md: not a readable seqserve checkpoint" in capsys.readouterr().err
