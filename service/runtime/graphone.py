@@ -129,16 +129,16 @@ class GraphoneModel:
         self.strip = strip  # removed from every target token before scoring (e.g. "[0-9]": ARPAbet stress)
         self._pattern = target_pattern(strip)
         self.tokens = list(tokens)
-        self.orders = list(orders)
         self.order = len(orders)
         self._ids = {tok: i + 1 for i, tok in enumerate(self.tokens)}  # 0 is never a token: keys stay unique
         self._base = len(self.tokens) + 1
         self._pow = [self._base**k for k in range(self.order + 1)]
         # key of (w1 .. wk) = wk + B * w(k-1) + B^2 * w(k-2) ...: the newest token in the lowest digit, so the
-        # key of a history's last j tokens is key % B^j
+        # key of a history's last j tokens is key % B^j. The dictionaries are the model: the arrays are not kept
+        # (≈ 19 MB for the shipped 7-gram); ngrams() rebuilds them for save()
         self._log_prob: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
-        for grams in self.orders:
+        for grams in orders:
             keys = np.zeros(len(grams.ids), dtype=object)
             for col in range(grams.ids.shape[1]):
                 keys = keys * self._base + grams.ids[:, col].astype(object)
@@ -149,7 +149,7 @@ class GraphoneModel:
             )
         self._bos = self._ids[BOS]
         self._eos = self._ids[EOS]
-        self.size = sum(len(g.ids) for g in self.orders)
+        self.size = len(self._log_prob)
         # (history, length, token) -> (log p, next history, next length); dict operations are atomic under the
         # GIL, so threads may share it
         self._steps: dict[tuple[int, int, int], tuple[float, int, int]] = {}
@@ -219,7 +219,7 @@ class GraphoneModel:
             "strip": np.asarray([self.strip], dtype=str),
         }
         previous: npt.NDArray[np.int64] | None = None
-        for k, grams in enumerate(self.orders, 1):
+        for k, grams in enumerate(self.ngrams(), 1):
             ids = grams.ids.astype(np.int64)
             rank = np.lexsort(ids.T[::-1])
             ids = ids[rank]
@@ -248,6 +248,23 @@ class GraphoneModel:
             previous = ids
         with path.open("wb") as f:
             np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+
+    def ngrams(self) -> list[NGrams]:
+        """The model's n-grams by order (token ids int64, values float32), rebuilt from its dictionaries."""
+        keys = np.asarray(list(self._log_prob), dtype=object)
+        log_prob = np.asarray(list(self._log_prob.values()), dtype=np.float32)
+        backoff = np.asarray([self._backoff.get(k, 0.0) for k in self._log_prob], dtype=np.float32)
+        orders = []
+        for k in range(1, self.order + 1):
+            # a key of order k has k base-B digits, the first one >= 1
+            chosen = np.flatnonzero((keys >= self._pow[k - 1]) & (keys < self._pow[k]))
+            rest = keys[chosen]
+            ids = np.zeros((len(chosen), k), dtype=np.int64)
+            for col in range(k - 1, -1, -1):
+                ids[:, col] = (rest % self._base).astype(np.int64)
+                rest = rest // self._base
+            orders.append(NGrams(ids, log_prob[chosen], backoff[chosen]))
+        return orders
 
     @classmethod
     def shared(cls, path: Path, sha256: str) -> GraphoneModel:

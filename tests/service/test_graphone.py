@@ -227,7 +227,7 @@ def test_format_1_files_still_load(arpa: Path, tmp_path: Path) -> None:
         "tokens": np.asarray(model.tokens, dtype=str),
         "strip": np.asarray([model.strip], dtype=str),
     }
-    for k, grams in enumerate(model.orders, 1):
+    for k, grams in enumerate(model.ngrams(), 1):
         arrays |= {f"ids{k}": grams.ids.astype(np.uint16), f"log_prob{k}": grams.log_prob, f"backoff{k}": grams.backoff}
     path = tmp_path / "v1.npz"
     np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
