@@ -66,7 +66,7 @@ class NGrams:
 
 def shared_floats(values: npt.NDArray[np.floating[Any]]) -> list[float]:
     """``values.tolist()`` where equal values are one Python float object: a quantized model's dictionaries then
-    hold references to its codebook's 256 floats instead of one 24-byte object per n-gram."""
+    hold references to its codebooks' floats instead of one 24-byte object per n-gram."""
     unique, inverse = np.unique(values, return_inverse=True)
     objects = unique.tolist()
     return [objects[i] for i in inverse.ravel().tolist()]
@@ -139,10 +139,7 @@ class GraphoneModel:
         self._log_prob: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
         for grams in orders:
-            keys = np.zeros(len(grams.ids), dtype=object)
-            for col in range(grams.ids.shape[1]):
-                keys = keys * self._base + grams.ids[:, col].astype(object)
-            key_list = keys.tolist()
+            key_list = keys_of(grams.ids.astype(np.int64), self._base).tolist()
             self._log_prob.update(zip(key_list, shared_floats(grams.log_prob), strict=True))
             self._backoff.update(
                 (k, b) for k, b in zip(key_list, shared_floats(grams.backoff), strict=True) if b != 0.0
@@ -402,7 +399,8 @@ class GraphoneModel:
 
 
 def keys_of(ids: npt.NDArray[np.int64], base: int) -> npt.NDArray[Any]:
-    """One sortable key per row of token ids (object integers when int64 could overflow)."""
+    """The model's key of every row of token ids (base-B digits, the last token lowest): int64, or Python
+    integers (dtype object) where int64 could overflow."""
     wide = base ** ids.shape[1] >= 2**63
     keys: npt.NDArray[Any] = np.zeros(len(ids), dtype=object if wide else np.int64)
     for col in range(ids.shape[1]):
@@ -416,7 +414,7 @@ def read_format_1(data: Any) -> list[NGrams]:
     while f"ids{k}" in data:
         orders.append(
             NGrams(
-                data[f"ids{k}"].reshape(-1, k),  # kept as stored: 4x smaller than int64
+                data[f"ids{k}"].reshape(-1, k),
                 data[f"log_prob{k}"].astype(np.float32),
                 data[f"backoff{k}"].astype(np.float32),
             )
