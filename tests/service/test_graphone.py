@@ -251,3 +251,16 @@ def test_a_model_without_prefixes_cannot_be_saved(tmp_path: Path) -> None:
     assert model.score(list("cab"), ["K", "AH", "B"]) is not None
     with pytest.raises(GraphoneError, match="has no 2-gram prefix"):
         model.save(tmp_path / "holes.npz")
+
+
+def test_a_damaged_trie_is_refused_in_one_line(tmp_path: Path) -> None:
+    arpa = tmp_path / "r.arpa"
+    arpa.write_text(random_arpa(np.random.default_rng(2), per_order=50), encoding="utf-8")
+    path = tmp_path / "r.npz"
+    GraphoneModel.from_arpa(arpa).save(path)
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays["prefix3"] = arrays["prefix3"].astype(np.uint32) + 10_000  # prefixes past the end of the 2-grams
+    np.savez_compressed(path, **arrays)
+    with pytest.raises(GraphoneError, match="cannot read the graphone model"):
+        GraphoneModel.load(path)
