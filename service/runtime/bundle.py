@@ -127,10 +127,11 @@ class Bundle:
         """The n-best of a finished job, best first. When :meth:`rescores`, every hypothesis the beam finished is
         re-ranked first and ``score`` is the rescored value; otherwise the model's ranking and score."""
         search = job.search
-        if self.rescorer is None or not self.rescores(search.options.beam_size, rescore):  # (None: for the type)
+        rescorer = self.rescorer if self.rescores(search.options.beam_size, rescore) else None
+        if rescorer is None:
             return [self.output(h, source_tokens, replace_unknowns) for h in search.results()]
         outs = [self.output(h, source_tokens, replace_unknowns) for h in search.finished]
-        values = self.rescorer.rescore_all(source_tokens, [(o.score, o.tokens) for o in outs])
+        values = rescorer.rescore_all(source_tokens, [(o.score, o.tokens) for o in outs])
         scored = [(value, i) for i, value in enumerate(values)]
         scored.sort(key=lambda pair: (-pair[0], pair[1]))  # ties keep finishing order, like results()
         return [replace(outs[i], score=value) for value, i in scored[: search.options.n_best]]

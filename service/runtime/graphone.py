@@ -135,7 +135,7 @@ class GraphoneModel:
         self._pow = [self._base**k for k in range(self.order + 1)]
         # key of (w1 .. wk) = wk + B * w(k-1) + B^2 * w(k-2) ...: the newest token in the lowest digit, so the
         # key of a history's last j tokens is key % B^j. The dictionaries are the model: the arrays are not kept
-        # (≈ 19 MB for the shipped 7-gram); ngrams() rebuilds them for save()
+        # (≈ 19 MB for the shipped 7-gram); save() works from the keys
         self._log_prob: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
         for grams in orders:
@@ -215,39 +215,35 @@ class GraphoneModel:
             "tokens": np.asarray(self.tokens, dtype=str),
             "strip": np.asarray([self.strip], dtype=str),
         }
-        previous: npt.NDArray[np.int64] | None = None
-        for k, grams in enumerate(self.ngrams(), 1):
-            ids = grams.ids.astype(np.int64)
-            rank = np.lexsort(ids.T[::-1])
-            ids = ids[rank]
+        previous: npt.NDArray[Any] | None = None
+        for k, (keys, log_prob, backoff) in enumerate(self._by_order(), 1):
             if k == 1:
-                if not np.array_equal(ids[:, 0], np.arange(1, len(self.tokens) + 1)):
+                if not np.array_equal(keys, np.arange(1, len(self.tokens) + 1)):
                     raise GraphoneError("the unigrams must be the tokens, in order")
-                arrays["log_prob1"] = grams.log_prob[rank]
-                arrays["backoff1"] = grams.backoff[rank]
+                arrays["log_prob1"], arrays["backoff1"] = log_prob, backoff
             else:
                 assert previous is not None
-                lower = keys_of(previous, self._base)
-                wanted = keys_of(ids[:, :-1], self._base)
-                index = np.searchsorted(lower, wanted)
-                found = index < len(lower)
-                found[found] = lower[index[found]] == wanted[found]
+                wanted = keys // self._base  # the (k-1)-gram prefix of each k-gram
+                index = np.searchsorted(previous, wanted)
+                found = index < len(previous)
+                found[found] = previous[index[found]] == wanted[found]
                 if not found.all():
-                    missing = ids[int(np.argmin(found))]
+                    missing = self._digits(keys[int(np.argmin(found))], k)
                     raise GraphoneError(
                         f"the {k}-gram {' '.join(self.tokens[i - 1] for i in missing)} has no {k - 1}-gram prefix "
                         "in the model; it cannot be stored as a trie"
                     )
-                arrays[f"token{k}"] = smallest_uint(ids[:, -1])
+                arrays[f"token{k}"] = smallest_uint((keys % self._base).astype(np.int64))
                 arrays[f"prefix{k}"] = smallest_uint(np.diff(index, prepend=0))  # non-decreasing: small steps
-                arrays[f"log_prob_code{k}"], arrays[f"log_prob_book{k}"] = quantize(grams.log_prob[rank])
-                arrays[f"backoff_code{k}"], arrays[f"backoff_book{k}"] = quantize(grams.backoff[rank])
-            previous = ids
+                arrays[f"log_prob_code{k}"], arrays[f"log_prob_book{k}"] = quantize(log_prob)
+                arrays[f"backoff_code{k}"], arrays[f"backoff_book{k}"] = quantize(backoff)
+            previous = keys
         with path.open("wb") as f:
             np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
 
-    def ngrams(self) -> list[NGrams]:
-        """The model's n-grams by order (token ids int64, values float32), rebuilt from its dictionaries."""
+    def _by_order(self) -> list[tuple[npt.NDArray[Any], npt.NDArray[np.float32], npt.NDArray[np.float32]]]:
+        """Per order: the n-grams' keys ascending (for keys of one order, the token ids' lexicographic order),
+        their log-probabilities and back-off weights, from the dictionaries."""
         keys = np.asarray(list(self._log_prob), dtype=object)
         log_prob = np.asarray(list(self._log_prob.values()), dtype=np.float32)
         backoff = np.asarray([self._backoff.get(k, 0.0) for k in self._log_prob], dtype=np.float32)
@@ -255,13 +251,23 @@ class GraphoneModel:
         for k in range(1, self.order + 1):
             # a key of order k has k base-B digits, the first one >= 1
             chosen = np.flatnonzero((keys >= self._pow[k - 1]) & (keys < self._pow[k]))
-            rest = keys[chosen]
-            ids = np.zeros((len(chosen), k), dtype=np.int64)
-            for col in range(k - 1, -1, -1):
-                ids[:, col] = (rest % self._base).astype(np.int64)
-                rest = rest // self._base
-            orders.append(NGrams(ids, log_prob[chosen], backoff[chosen]))
+            chosen = chosen[np.argsort(keys[chosen], kind="stable")]
+            order_keys = keys[chosen]
+            if self._pow[k] < 2**63:
+                order_keys = order_keys.astype(np.int64)
+            orders.append((order_keys, log_prob[chosen], backoff[chosen]))
         return orders
+
+    def _digits(self, key: int, k: int) -> list[int]:
+        """The k token ids of a key."""
+        return [int(key) // self._pow[j] % self._base for j in range(k - 1, -1, -1)]
+
+    def ngrams(self) -> list[NGrams]:
+        """The model's n-grams by order (token ids int64 in lexicographic order, values float32)."""
+        return [
+            NGrams(np.asarray([self._digits(key, k) for key in keys], dtype=np.int64).reshape(-1, k), lp, bo)
+            for k, (keys, lp, bo) in enumerate(self._by_order(), 1)
+        ]
 
     @classmethod
     def shared(cls, path: Path, sha256: str) -> GraphoneModel:

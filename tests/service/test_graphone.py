@@ -181,10 +181,6 @@ def random_arpa(rng: np.random.Generator, n_tokens: int = 30, per_order: int = 1
     return "\n".join([*lines, "", "\\end\\", ""])
 
 
-def values_by_key(model: GraphoneModel) -> tuple[dict[int, float], dict[int, float]]:
-    return model._log_prob, model._backoff
-
-
 def test_the_file_is_a_quantized_trie_that_keeps_every_ngram(tmp_path: Path) -> None:
     arpa = tmp_path / "r.arpa"
     arpa.write_text(random_arpa(np.random.default_rng(0)), encoding="utf-8")
@@ -192,7 +188,7 @@ def test_the_file_is_a_quantized_trie_that_keeps_every_ngram(tmp_path: Path) -> 
     path = tmp_path / "r.npz"
     model.save(path)
     loaded = GraphoneModel.load(path)
-    (lp, bo), (lp2, bo2) = values_by_key(model), values_by_key(loaded)
+    lp, bo, lp2, bo2 = model._log_prob, model._backoff, loaded._log_prob, loaded._backoff
     assert lp.keys() == lp2.keys() and bo.keys() == bo2.keys()  # zero back-off weights stay exactly zero
     error = np.abs(np.array([lp[k] - lp2[k] for k in lp] + [bo[k] - bo2[k] for k in bo]))
     assert 0 < error.max() < 0.05 and error.mean() < 0.005  # lossy above the unigrams, but fine-grained
