@@ -144,7 +144,10 @@ def _run_translate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
         return 0
-    for t in response.translations:
+    for i, t in enumerate(response.translations):
+        if t.unknown_source_positions:  # stdout keeps one answer per line; the warning goes to stderr
+            unknown = ", ".join(repr(t.source_tokens[p]) for p in t.unknown_source_positions)
+            print(f"seqserve translate: input {i + 1} has tokens the model does not know: {unknown}", file=sys.stderr)
         for h in t.hypotheses:
             print(h.text if args.n_best == 1 else f"{h.score:.4f}\t{h.text}")
     return 0

@@ -62,6 +62,12 @@ class Metrics:
         self.generated_tokens = Counter(
             "seqserve_generated_tokens", "output tokens returned (best hypothesis)", ["model"], registry=r
         )
+        self.unknown_source_tokens = Counter(
+            "seqserve_unknown_source_tokens",
+            "source tokens outside the model's vocabulary (read as <unk>)",
+            ["model"],
+            registry=r,
+        )
         self.rejected = Counter(
             "seqserve_rejected", "sources refused or dropped, by reason", ["model", "reason"], registry=r
         )

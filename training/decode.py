@@ -5,7 +5,8 @@ hypotheses; every step takes the 2K best candidates by accumulated log-probabili
 (ties broken by lower flat index); an end-of-sentence candidate ranked within the
 first K is finished, other candidates refill the K live beams in order. A source is
 done when it has K finished hypotheses; at ``max_len`` the live ones are finished as
-they are. Finished hypotheses are ranked by the length-normalised score.
+they are. Finished hypotheses are ranked by the length-normalised score. ``<pad>`` and
+``<s>`` are never generated.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from service.text import BOS_ID, EOS_ID, PAD_ID
 from training.model import StepModel
 
 NEG_INF = float("-inf")
+NEVER_GENERATED = [PAD_ID, BOS_ID]  # never an output token, however a model (or sampling) weighs them
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ def beam_search(
         step = torch.full((bsz * k,), t, dtype=torch.long, device=src.device)
         log_probs, states, feed, _, _ = model.step(tokens, states, feed, memory, lens, step, ext)
         log_probs = log_probs.float()  # [N, V']
+        log_probs[:, NEVER_GENERATED] = NEG_INF
         if t < min_len:
             log_probs[:, EOS_ID] = NEG_INF
         vocab = log_probs.size(1)

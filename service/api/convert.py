@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from seqserve.v1 import seqserve_pb2 as pb
@@ -96,8 +97,10 @@ def request_options(msg: pb.DecodingOptions, limits: Limits, max_rows: int) -> R
         "temperature",
     ):
         value = getattr(msg, name)
-        if not value >= 0:  # negative or NaN
-            raise InvalidArgument(f"{name} must be a number >= 0, got {value}")
+        if not 0 <= value < math.inf:  # negative, infinite or NaN
+            raise InvalidArgument(f"{name} must be a finite number >= 0, got {value}")
+    if msg.max_length and msg.min_length > msg.max_length:
+        raise InvalidArgument(f"min_length {msg.min_length} is larger than max_length {msg.max_length}")
     if msg.length_penalty not in PENALTIES:
         raise InvalidArgument(f"unknown length_penalty {msg.length_penalty}")
     opts = RequestOptions(

@@ -18,6 +18,7 @@ from service.errors import DeadlineExceeded, InvalidArgument, ServeError
 from service.metrics import Metrics
 from service.repository import ModelRepository
 from service.runtime.bundle import SourceError
+from service.text import UNK_ID
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +110,25 @@ class Seq2SeqServicer(pb_grpc.Seq2SeqServicer):
             raise DeadlineExceeded("the deadline passed before decoding started")
         await engine.decode(jobs, deadline)
         response = pb.TranslateResponse(model=bundle.name, version=bundle.version)
-        generated = 0
+        generated = unknown = 0
         started = time.perf_counter()
         for job, tokens in zip(jobs, source_tokens, strict=True):
             outs = bundle.outputs(job, tokens, opts.replace_unknowns, opts.rescore)
             generated += len(outs[0].tokens) if outs else 0
+            positions = [i for i, token_id in enumerate(job.src_ids) if token_id == UNK_ID]
+            unknown += len(positions)
             response.translations.append(
-                pb.Translation(hypotheses=[hypothesis(o, opts.return_attention) for o in outs], source_tokens=tokens)
+                pb.Translation(
+                    hypotheses=[hypothesis(o, opts.return_attention) for o in outs],
+                    source_tokens=tokens,
+                    unknown_source_positions=positions,
+                )
             )
         if bundle.rescores(opts.beam_size, opts.rescore):
             self.metrics.rescoring_seconds.labels(bundle.name).observe(time.perf_counter() - started)
         self.metrics.generated_tokens.labels(bundle.name).inc(generated)
+        if unknown:
+            self.metrics.unknown_source_tokens.labels(bundle.name).inc(unknown)
         return response
 
     async def ListModels(

@@ -16,10 +16,14 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from service.engine.beam import BeamSearch, advance_plain
+from service.engine.beam import NEG_INF, BeamSearch, advance_plain
+from service.text import BOS_ID, PAD_ID
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
+
+
+NEVER_GENERATED = [PAD_ID, BOS_ID]  # output tokens no search may choose
 
 
 class StepResult(Protocol):
@@ -346,7 +350,9 @@ class DecodeBatch:
         steps = np.repeat(np.array([j.search.t for j in self.jobs], dtype=np.int64), [j.k for j in self.jobs])
         out = self.runtime.step(tokens, self.states, self.feed, self.memory, self.src_len, steps, self.src_ext)
         self.steps += 1
-        selects = self._advance(out.log_probs, out.attention)
+        log_probs = out.log_probs if out.log_probs.flags.writeable else out.log_probs.copy()
+        log_probs[:, NEVER_GENERATED] = NEG_INF  # whatever weight the model (or sampling) gives them
+        selects = self._advance(log_probs, out.attention)
         index: list[IntArray] = []
         finished: list[Job] = []
         offset = 0

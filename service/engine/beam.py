@@ -357,10 +357,10 @@ def resolve_lengths(
 ) -> tuple[int, int]:
     """Absolute (max_len, min_len) for a source from the absolute and ratio options."""
     max_len = max_length or default_max
-    if max_ratio > 0:
-        max_len = min(max_len, max(1, math.ceil(max_ratio * src_len)))
+    if max_ratio > 0:  # the product capped first: a huge ratio must not overflow an int
+        max_len = min(max_len, max(1, math.ceil(min(max_ratio * src_len, hard_max))))
     max_len = min(max_len, hard_max)
     min_len = min_length
     if min_ratio > 0:
-        min_len = max(min_len, math.floor(min_ratio * src_len))
+        min_len = max(min_len, math.floor(min(min_ratio * src_len, hard_max)))
     return max_len, min(min_len, max_len)

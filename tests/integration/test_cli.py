@@ -71,6 +71,10 @@ def test_serve_translate_and_sigterm(model_repo: Path) -> None:
         assert out.returncode == 0, out.stderr
         parsed = json.loads(out.stdout)
         assert len(parsed["translations"][0]["hypotheses"]) == 2
+        out = run_cli("translate", "--server", f"127.0.0.1:{port}", "--model", "rev", "abc", "a?z")
+        assert out.returncode == 0, out.stderr
+        assert len(out.stdout.splitlines()) == 2  # still one answer per input; the warning is on stderr
+        assert "input 2 has tokens the model does not know: '?', 'z'" in out.stderr
         out = run_cli("translate", "--server", f"127.0.0.1:{port}", "--model", "rev", "--no-rescoring", "abc")
         assert out.returncode == 0, out.stderr  # a bundle without a rescorer ranks by the model either way
         assert out.stdout.splitlines() == ["c b a"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -148,6 +149,20 @@ def test_list_models_and_health(server: ServerThread, stub) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             "temperature",
         ),
+        *[
+            (
+                {"model": "rev", "sources": ["ab"], "options": {name: value}},
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{name} must be a finite number >= 0",
+            )
+            for name in ("max_length_ratio", "min_length_ratio", "coverage_penalty_beta", "length_penalty_alpha")
+            for value in (math.inf, math.nan)
+        ],
+        (
+            {"model": "rev", "sources": ["ab"], "options": {"min_length": 9, "max_length": 3}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "min_length 9 is larger than max_length 3",
+        ),
     ],
 )
 def test_bad_requests_get_typed_errors(stub, request_kwargs, code, fragment) -> None:
@@ -284,6 +299,23 @@ def test_live_repository_new_corrupted_and_broken_versions(
     assert _wait_for(lambda: ("rev", 3) in states())
     assert states()[("rev", 3)].state == pb.MODEL_STATE_UNAVAILABLE
     assert translate(stub, ["abc"]).version == 2
+
+
+def unknown_tokens_counted(server: ServerThread) -> float:
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    body = urllib.request.urlopen(url, timeout=10).read().decode()
+    prefix = 'seqserve_unknown_source_tokens_total{model="rev"} '
+    return sum(float(line.removeprefix(prefix)) for line in body.splitlines() if line.startswith(prefix))
+
+
+def test_unknown_source_tokens_are_reported(server: ServerThread, stub) -> None:
+    """Characters the model never saw are read as <unk>: the answer says where, the metrics count them."""
+    before = unknown_tokens_counted(server)
+    response = translate(stub, ["abc", "a?bz", "??"], beam_size=3)
+    assert [list(t.unknown_source_positions) for t in response.translations] == [[], [1, 3], [0, 1]]
+    assert list(response.translations[1].source_tokens) == ["a", "?", "b", "z"]
+    assert all(t.hypotheses for t in response.translations)  # still answered
+    assert unknown_tokens_counted(server) == before + 4
 
 
 def test_metrics_endpoint(server: ServerThread, stub) -> None:

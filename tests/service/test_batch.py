@@ -164,3 +164,30 @@ def test_row_memory_matches_concatenate_and_index(seed: int) -> None:
         view = memory.view()
         assert view.shape == expected.shape and view.flags.c_contiguous
         np.testing.assert_array_equal(view, expected)
+
+
+class SpecialsFirstRuntime(TableRuntime):
+    """A model that puts most of its probability on ``<pad>`` and ``<s>``, which are never outputs."""
+
+    def dist(self, code: int) -> np.ndarray:
+        logits = super().dist(code).astype(np.float64)
+        logits[[PAD, BOS]] = 5.0
+        return (logits - np.log(np.exp(logits).sum())).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        SearchOptions(beam_size=4, n_best=4, max_len=6),
+        SearchOptions(beam_size=1, max_len=6),
+        SearchOptions(beam_size=3, n_best=2, max_len=6, no_repeat_ngram=2),
+        SearchOptions(beam_size=1, max_len=6, sampling=True, temperature=50.0, seed=3),
+    ],
+    ids=["beam", "greedy", "beam-one-by-one", "sampling"],
+)
+def test_pad_and_bos_are_never_generated(options: SearchOptions) -> None:
+    jobs = [Job(BeamSearch(options, 3, BOS, EOS, PAD), [4, 5, i % 3 + 4], tag=i) for i in range(8)]
+    for job in decode_all(SpecialsFirstRuntime(vocab=7), jobs):
+        hyps = job.search.results()
+        assert hyps and all(PAD not in h.tokens and BOS not in h.tokens for h in hyps)
+        assert all(h.log_prob > -1e8 for h in hyps)  # real tokens, not masked ones

@@ -184,6 +184,9 @@ def test_resolve_lengths() -> None:
     assert resolve_lengths(10, 0, 0.0, 0, 0.0, 50, 512) == (50, 0)
     assert resolve_lengths(10, 0, 1.5, 0, 0.5, 50, 512) == (15, 5)
     assert resolve_lengths(10, 100, 0.0, 0, 0.0, 50, 60) == (60, 0)
+    # ratios so large that ratio x length overflows a float: capped at the hard limit, never an OverflowError
+    assert resolve_lengths(10, 0, 1e308, 0, 1e308, 50, 512) == (50, 50)
+    assert resolve_lengths(10, 0, 0.0, 7, 1e308, 40, 60) == (40, 40)
 
 
 @pytest.mark.parametrize("limit", [1 << 16, 16], ids=["full-sort", "partial-sort"])

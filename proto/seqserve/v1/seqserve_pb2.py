@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aseqserve/v1/seqserve.proto\x12\x0bseqserve.v1\"\xb5\x03\n\x0f\x44\x65\x63odingOptions\x12\x11\n\tbeam_size\x18\x01 \x01(\r\x12\x16\n\x0enum_hypotheses\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x18\n\x10max_length_ratio\x18\x04 \x01(\x02\x12\x12\n\nmin_length\x18\x05 \x01(\r\x12\x18\n\x10min_length_ratio\x18\x06 \x01(\x02\x12\x32\n\x0elength_penalty\x18\x07 \x01(\x0e\x32\x1a.seqserve.v1.LengthPenalty\x12\x1c\n\x14length_penalty_alpha\x18\x08 \x01(\x02\x12\x1d\n\x15\x63overage_penalty_beta\x18\t \x01(\x02\x12\x1c\n\x14no_repeat_ngram_size\x18\n \x01(\r\x12\x10\n\x08sampling\x18\x0b \x01(\x08\x12\x13\n\x0btemperature\x18\x0c \x01(\x02\x12\r\n\x05top_k\x18\r \x01(\r\x12\x0c\n\x04seed\x18\x0e \x01(\x04\x12\x18\n\x10return_attention\x18\x0f \x01(\x08\x12\x18\n\x10replace_unknowns\x18\x10 \x01(\x08\x12\x14\n\x0cno_rescoring\x18\x11 \x01(\x08\"r\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07sources\x18\x03 \x03(\t\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.seqserve.v1.DecodingOptions\"\x1f\n\x0c\x41ttentionRow\x12\x0f\n\x07weights\x18\x01 \x03(\x02\"y\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x10\n\x08log_prob\x18\x04 \x01(\x02\x12,\n\tattention\x18\x05 \x03(\x0b\x32\x19.seqserve.v1.AttentionRow\"Q\n\x0bTranslation\x12+\n\nhypotheses\x18\x01 \x03(\x0b\x32\x17.seqserve.v1.Hypothesis\x12\x15\n\rsource_tokens\x18\x02 \x03(\t\"c\n\x11TranslateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12.\n\x0ctranslations\x18\x03 \x03(\x0b\x32\x18.seqserve.v1.Translation\"\x13\n\x11ListModelsRequest\"\xc2\x01\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.seqserve.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x18\n\x10source_tokenizer\x18\x06 \x01(\t\x12\x18\n\x10target_tokenizer\x18\x07 \x01(\t\x12\x11\n\tquantized\x18\x08 \x01(\x08\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.seqserve.v1.ModelVersion\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"@\n\x11LoadModelResponse\x12+\n\x08versions\x18\x01 \x03(\x0b\x32\x19.seqserve.v1.ModelVersion\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse*}\n\rLengthPenalty\x12\x1e\n\x1aLENGTH_PENALTY_UNSPECIFIED\x10\x00\x12\x17\n\x13LENGTH_PENALTY_NONE\x10\x01\x12\x17\n\x13LENGTH_PENALTY_GNMT\x10\x02\x12\x1a\n\x16LENGTH_PENALTY_AVERAGE\x10\x03*w\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_STATE_READY\x10\x01\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x02\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x03\x32\xc2\x02\n\x07Seq2Seq\x12J\n\tTranslate\x12\x1d.seqserve.v1.TranslateRequest\x1a\x1e.seqserve.v1.TranslateResponse\x12M\n\nListModels\x12\x1e.seqserve.v1.ListModelsRequest\x1a\x1f.seqserve.v1.ListModelsResponse\x12J\n\tLoadModel\x12\x1d.seqserve.v1.LoadModelRequest\x1a\x1e.seqserve.v1.LoadModelResponse\x12P\n\x0bUnloadModel\x12\x1f.seqserve.v1.UnloadModelRequest\x1a .seqserve.v1.UnloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aseqserve/v1/seqserve.proto\x12\x0bseqserve.v1\"\xb5\x03\n\x0f\x44\x65\x63odingOptions\x12\x11\n\tbeam_size\x18\x01 \x01(\r\x12\x16\n\x0enum_hypotheses\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x18\n\x10max_length_ratio\x18\x04 \x01(\x02\x12\x12\n\nmin_length\x18\x05 \x01(\r\x12\x18\n\x10min_length_ratio\x18\x06 \x01(\x02\x12\x32\n\x0elength_penalty\x18\x07 \x01(\x0e\x32\x1a.seqserve.v1.LengthPenalty\x12\x1c\n\x14length_penalty_alpha\x18\x08 \x01(\x02\x12\x1d\n\x15\x63overage_penalty_beta\x18\t \x01(\x02\x12\x1c\n\x14no_repeat_ngram_size\x18\n \x01(\r\x12\x10\n\x08sampling\x18\x0b \x01(\x08\x12\x13\n\x0btemperature\x18\x0c \x01(\x02\x12\r\n\x05top_k\x18\r \x01(\r\x12\x0c\n\x04seed\x18\x0e \x01(\x04\x12\x18\n\x10return_attention\x18\x0f \x01(\x08\x12\x18\n\x10replace_unknowns\x18\x10 \x01(\x08\x12\x14\n\x0cno_rescoring\x18\x11 \x01(\x08\"r\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07sources\x18\x03 \x03(\t\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.seqserve.v1.DecodingOptions\"\x1f\n\x0c\x41ttentionRow\x12\x0f\n\x07weights\x18\x01 \x03(\x02\"y\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x10\n\x08log_prob\x18\x04 \x01(\x02\x12,\n\tattention\x18\x05 \x03(\x0b\x32\x19.seqserve.v1.AttentionRow\"s\n\x0bTranslation\x12+\n\nhypotheses\x18\x01 \x03(\x0b\x32\x17.seqserve.v1.Hypothesis\x12\x15\n\rsource_tokens\x18\x02 \x03(\t\x12 \n\x18unknown_source_positions\x18\x03 \x03(\r\"c\n\x11TranslateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12.\n\x0ctranslations\x18\x03 \x03(\x0b\x32\x18.seqserve.v1.Translation\"\x13\n\x11ListModelsRequest\"\xc2\x01\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.seqserve.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x18\n\x10source_tokenizer\x18\x06 \x01(\t\x12\x18\n\x10target_tokenizer\x18\x07 \x01(\t\x12\x11\n\tquantized\x18\x08 \x01(\x08\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.seqserve.v1.ModelVersion\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"@\n\x11LoadModelResponse\x12+\n\x08versions\x18\x01 \x03(\x0b\x32\x19.seqserve.v1.ModelVersion\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse*}\n\rLengthPenalty\x12\x1e\n\x1aLENGTH_PENALTY_UNSPECIFIED\x10\x00\x12\x17\n\x13LENGTH_PENALTY_NONE\x10\x01\x12\x17\n\x13LENGTH_PENALTY_GNMT\x10\x02\x12\x1a\n\x16LENGTH_PENALTY_AVERAGE\x10\x03*w\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11MODEL_STATE_READY\x10\x01\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x02\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x03\x32\xc2\x02\n\x07Seq2Seq\x12J\n\tTranslate\x12\x1d.seqserve.v1.TranslateRequest\x1a\x1e.seqserve.v1.TranslateResponse\x12M\n\nListModels\x12\x1e.seqserve.v1.ListModelsRequest\x1a\x1f.seqserve.v1.ListModelsResponse\x12J\n\tLoadModel\x12\x1d.seqserve.v1.LoadModelRequest\x1a\x1e.seqserve.v1.LoadModelResponse\x12P\n\x0bUnloadModel\x12\x1f.seqserve.v1.UnloadModelRequest\x1a .seqserve.v1.UnloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'seqserve.v1.seqserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LENGTHPENALTY']._serialized_start=1383
-  _globals['_LENGTHPENALTY']._serialized_end=1508
-  _globals['_MODELSTATE']._serialized_start=1510
-  _globals['_MODELSTATE']._serialized_end=1629
+  _globals['_LENGTHPENALTY']._serialized_start=1417
+  _globals['_LENGTHPENALTY']._serialized_end=1542
+  _globals['_MODELSTATE']._serialized_start=1544
+  _globals['_MODELSTATE']._serialized_end=1663
   _globals['_DECODINGOPTIONS']._serialized_start=44
   _globals['_DECODINGOPTIONS']._serialized_end=481
   _globals['_TRANSLATEREQUEST']._serialized_start=483
@@ -44,23 +44,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HYPOTHESIS']._serialized_start=632
   _globals['_HYPOTHESIS']._serialized_end=753
   _globals['_TRANSLATION']._serialized_start=755
-  _globals['_TRANSLATION']._serialized_end=836
-  _globals['_TRANSLATERESPONSE']._serialized_start=838
-  _globals['_TRANSLATERESPONSE']._serialized_end=937
-  _globals['_LISTMODELSREQUEST']._serialized_start=939
-  _globals['_LISTMODELSREQUEST']._serialized_end=958
-  _globals['_MODELVERSION']._serialized_start=961
-  _globals['_MODELVERSION']._serialized_end=1155
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1157
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1220
-  _globals['_LOADMODELREQUEST']._serialized_start=1222
-  _globals['_LOADMODELREQUEST']._serialized_end=1255
-  _globals['_LOADMODELRESPONSE']._serialized_start=1257
-  _globals['_LOADMODELRESPONSE']._serialized_end=1321
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1323
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1358
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1360
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1381
-  _globals['_SEQ2SEQ']._serialized_start=1632
-  _globals['_SEQ2SEQ']._serialized_end=1954
+  _globals['_TRANSLATION']._serialized_end=870
+  _globals['_TRANSLATERESPONSE']._serialized_start=872
+  _globals['_TRANSLATERESPONSE']._serialized_end=971
+  _globals['_LISTMODELSREQUEST']._serialized_start=973
+  _globals['_LISTMODELSREQUEST']._serialized_end=992
+  _globals['_MODELVERSION']._serialized_start=995
+  _globals['_MODELVERSION']._serialized_end=1189
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1191
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1254
+  _globals['_LOADMODELREQUEST']._serialized_start=1256
+  _globals['_LOADMODELREQUEST']._serialized_end=1289
+  _globals['_LOADMODELRESPONSE']._serialized_start=1291
+  _globals['_LOADMODELRESPONSE']._serialized_end=1355
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1357
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1392
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1394
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1415
+  _globals['_SEQ2SEQ']._serialized_start=1666
+  _globals['_SEQ2SEQ']._serialized_end=1988
 # @@protoc_insertion_point(module_scope)
