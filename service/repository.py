@@ -60,6 +60,14 @@ def version_dirs(model_dir: Path) -> dict[int, Path]:
     return out
 
 
+def check_name(name: str) -> None:
+    """A model name a request may carry (INVALID_ARGUMENT otherwise; whether it exists is NOT_FOUND's business)."""
+    if not name:
+        raise InvalidArgument("the request names no model; see ListModels")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgument(f"model names are at most {MAX_NAME_LENGTH} characters")
+
+
 class ModelRepository:
     def __init__(
         self, root: Path, settings: EngineSettings, metrics: Metrics, threads: int = 1, device: str = "cpu"
@@ -75,10 +83,7 @@ class ModelRepository:
 
     # ------------------------------------------------------------------ lookups
     def get(self, name: str, version: int = 0) -> VersionEntry:
-        if not name:
-            raise InvalidArgument("the request names no model; see ListModels")
-        if len(name) > MAX_NAME_LENGTH:
-            raise InvalidArgument(f"model names are at most {MAX_NAME_LENGTH} characters")
+        check_name(name)
         versions = {v: e for (n, v), e in self.entries.items() if n == name}
         if not versions or name in self.unloaded:
             raise NotFound(f"no model named {name!r}; see ListModels")
@@ -157,13 +162,19 @@ class ModelRepository:
         self.metrics.model_ready.labels(name, str(version)).set(0)
 
     async def load_model(self, name: str) -> list[VersionEntry]:
-        if not (self.root / name).is_dir():
+        check_name(name)
+        try:
+            found = (self.root / name).is_dir()
+        except OSError:  # e.g. a name the file system cannot hold
+            found = False
+        if not found:
             raise NotFound(f"no directory {name!r} in the model repository")
         self.unloaded.discard(name)
         await self.scan(only=name)
         return [e for (n, _), e in sorted(self.entries.items()) if n == name]
 
     async def unload_model(self, name: str) -> None:
+        check_name(name)
         entries = [e for (n, _), e in self.entries.items() if n == name]
         if not entries or name in self.unloaded:
             raise NotFound(f"no loaded model named {name!r}")

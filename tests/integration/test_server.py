@@ -247,6 +247,11 @@ def test_unload_and_load_through_the_api(stub) -> None:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     err = rpc_error(lambda: stub.LoadModel(pb.LoadModelRequest(model="absent"), timeout=10))
     assert err.code() == grpc.StatusCode.NOT_FOUND
+    for call, request in ((stub.LoadModel, pb.LoadModelRequest), (stub.UnloadModel, pb.UnloadModelRequest)):
+        # longer than a file name may be: refused up front, not an OSError from the file system (was INTERNAL)
+        err = rpc_error(lambda call=call, request=request: call(request(model="a" * 300), timeout=10))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.details() == "model names are at most 200 characters"
 
 
 def _wait_for(predicate, timeout=15.0) -> bool:
