@@ -7,6 +7,7 @@ and (through the manifest) the server.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -177,7 +178,50 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         raise ConfigError(f"train.kd_top_k must be >= 1, got {cfg.train.kd_top_k}")
     if not DEVICE.fullmatch(cfg.train.device):
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
+    check_ranges(cfg)
     return cfg
+
+
+# (section, key, interval): values outside fail before anything trains, with the allowed interval in the message
+RANGES: tuple[tuple[str, str, str], ...] = (
+    ("train", "batch_size", "[1, inf)"),
+    ("train", "epochs", "[1, inf)"),
+    ("train", "max_steps", "[0, inf)"),
+    ("train", "max_minutes", "[0, inf)"),
+    ("train", "lr", "(0, inf)"),
+    ("train", "weight_decay", "[0, inf)"),
+    ("train", "clip_norm", "(0, inf)"),
+    ("train", "lr_decay", "(0, 1]"),
+    ("train", "decay_patience", "[0, inf)"),
+    ("train", "min_lr", "[0, inf)"),
+    ("train", "early_stop_patience", "[0, inf)"),
+    ("train", "label_smoothing", "[0, 1)"),
+    ("train", "eval_beam", "[1, inf)"),
+    ("train", "num_threads", "[0, inf)"),
+    ("train", "keep_checkpoints", "[0, inf)"),
+    ("data", "sp_vocab_size", "[5, inf)"),
+    ("data", "max_src_len", "[1, inf)"),
+    ("data", "max_tgt_len", "[1, inf)"),
+    ("data", "synthetic_size", "[1, inf)"),
+)
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """``value`` in an interval written like ``[0, 1)`` (finite values only)."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return math.isfinite(value) and above and below
+
+
+def check_ranges(cfg: Config) -> None:
+    for section, key, interval in RANGES:
+        value = getattr(getattr(cfg, section), key)
+        if not in_interval(value, interval):
+            raise ConfigError(f"{section}.{key} must be in {interval}, got {value}")
+    for side in ("src_tokenizer", "tgt_tokenizer"):
+        if getattr(cfg.data, side) not in TOKENIZERS:
+            raise ConfigError(f"data.{side} must be one of {TOKENIZERS}, got {getattr(cfg.data, side)!r}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -117,6 +117,26 @@ def test_config_errors_are_clear() -> None:
         load_config(None, ["model.size=3"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=-1", r"train\.lr must be in \(0, inf\), got -1\.0"),
+        ("train.lr=inf", r"train\.lr must be in \(0, inf\), got inf"),
+        ("train.clip_norm=0", r"train\.clip_norm must be in \(0, inf\)"),
+        ("train.batch_size=0", r"train\.batch_size must be in \[1, inf\)"),
+        ("train.lr_decay=1.5", r"train\.lr_decay must be in \(0, 1\]"),
+        ("train.label_smoothing=1", r"train\.label_smoothing must be in \[0, 1\)"),
+        ("data.max_src_len=0", r"data\.max_src_len must be in \[1, inf\)"),
+        ("data.tgt_tokenizer=bpe", r"data\.tgt_tokenizer must be one of"),
+    ],
+)
+def test_values_out_of_range_are_refused_before_training(override: str, message: str) -> None:
+    """They used to reach torch (``train.lr=-1``: a traceback from Adam) or fail later, less clearly."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    load_config(None, ["train.lr_decay=1", "train.label_smoothing=0.999", "train.max_steps=0"])  # edges allowed
+
+
 def train_refused(out: Path, capsys: pytest.CaptureFixture[str], *overrides: str) -> str:
     """`seqserve train` on TINY with overrides must refuse: exit 2, one line on stderr (returned), no traceback."""
     from training.cli import main
