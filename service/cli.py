@@ -72,14 +72,6 @@ def _run_serve(args: argparse.Namespace) -> int:
         join_wait_ms=args.join_wait_ms,
         encoder_thread=args.encoder_thread,
     )
-    try:
-        engine.validate()
-    except ValueError as exc:
-        print(f"seqserve serve: {exc}", file=sys.stderr)
-        return 2
-    if not args.model_repository.is_dir():
-        print(f"seqserve serve: model repository {args.model_repository} is not a directory", file=sys.stderr)
-        return 2
     settings = ServerSettings(
         model_repository=args.model_repository,
         host=args.host,
@@ -96,6 +88,14 @@ def _run_serve(args: argparse.Namespace) -> int:
             max_output_length=args.max_output_length,
         ),
     )
+    try:
+        settings.validate()
+    except ValueError as exc:
+        print(f"seqserve serve: {exc}", file=sys.stderr)
+        return 2
+    if not args.model_repository.is_dir():
+        print(f"seqserve serve: model repository {args.model_repository} is not a directory", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(serve(settings))
     except OSError as exc:

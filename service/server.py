@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,26 @@ class ServerSettings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     limits: Limits = field(default_factory=Limits)
 
+    def validate(self) -> None:
+        """ValueError naming the first setting out of range (a port beyond 65535 used to wrap around)."""
+        self.engine.validate()
+        if not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"grpc_port must be in 0..65535 (0: a free port), got {self.grpc_port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in -1..65535 (0: a free port, -1: none), got {self.metrics_port}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: onnxruntime's default), got {self.threads}")
+        for name in ("poll_interval_s", "grace_s"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("max_sources", "max_source_length", "max_output_length"):
+            if getattr(self.limits, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self.limits, name)}")
+
 
 class Server:
     def __init__(self, settings: ServerSettings) -> None:
+        settings.validate()
         self.settings = settings
         self.metrics = Metrics()
         self.repository = ModelRepository(

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +93,24 @@ def test_serve_refuses_a_missing_repository(tmp_path: Path) -> None:
     result = run_cli("serve", "--model-repository", str(tmp_path / "absent"))
     assert result.returncode == 2
     assert "is not a directory" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--grpc-port", "70000"], "grpc_port must be in 0..65535"),  # used to wrap around to port 4464
+        (["--metrics-port", "-2"], "metrics_port must be in -1..65535"),
+        (["--threads", "-1"], "threads must be >= 0"),
+        (["--poll-interval", "-5"], "poll_interval_s must be a finite number >= 0"),
+        (["--grace", "inf"], "grace_s must be a finite number >= 0"),
+        (["--max-sources", "0"], "max_sources must be >= 1"),
+        (["--workers", "0"], "workers must be >= 1"),
+    ],
+)
+def test_serve_refuses_settings_out_of_range(model_repo: Path, flags: list[str], message: str) -> None:
+    result = run_cli("serve", "--model-repository", str(model_repo), *flags)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"seqserve serve: {message}"), result.stderr
 
 
 def test_training_commands_explain_a_missing_train_extra(tmp_path: Path) -> None:
