@@ -55,7 +55,9 @@ def fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
 def version_dirs(model_dir: Path) -> dict[int, Path]:
     out = {}
     for child in model_dir.iterdir():
-        if child.is_dir() and child.name.isdigit() and int(child.name) > 0 and (child / MANIFEST_NAME).exists():
+        # canonical positive integers only: "01" beside "1", or a non-ASCII digit (U+0661), is not version 1
+        canonical = child.name.isascii() and child.name.isdigit() and child.name == str(int(child.name))
+        if canonical and int(child.name) > 0 and child.is_dir() and (child / MANIFEST_NAME).exists():
             out[int(child.name)] = child
     return out
 
@@ -127,6 +129,7 @@ class ModelRepository:
             if bundle.name != name or bundle.version != version:
                 raise BundleError(
                     f"manifest says {bundle.name!r} version {bundle.version}, but the bundle lies in {name}/{version}"
+                    " (export it there, or set name and version in its manifest.json)"
                 )
         except BundleError as exc:
             self._refuse(key, fp, str(exc))
