@@ -49,18 +49,21 @@ def run_export(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("export").setLevel(logging.INFO)  # our progress; onnxruntime's quantizer stays quiet
-    try:
-        version = int(args.out.name)
-        if version < 1:
-            raise ValueError
-    except ValueError:
+    name = args.out.name
+    if not (name.isascii() and name.isdigit() and name == str(int(name)) and int(name) >= 1):  # the server's rule
         print(
             f"seqserve export: --out must end in a positive integer version directory, got {args.out}", file=sys.stderr
         )
         return 2
+    version = int(name)
     missing = [str(p) for p in [*args.checkpoint, *([args.graphone] if args.graphone else [])] if not p.is_file()]
     if missing:
         print(f"seqserve export: not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:  # before minutes of exporting: the model directory must be creatable
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"seqserve export: cannot create {args.out.parent}: {exc.strerror}", file=sys.stderr)
         return 2
     opts = ExportOptions(
         name=args.out.parent.name,
@@ -78,6 +81,9 @@ def run_export(args: argparse.Namespace) -> int:
         manifest = export_checkpoint(args.checkpoint, args.out, opts)
     except ExportError as exc:
         print(f"seqserve export: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the disk filled up while writing
+        print(f"seqserve export: cannot write {exc.filename or args.out}: {exc.strerror}", file=sys.stderr)
         return 1
     summary = {"bundle": str(args.out), "parity": {k: v for k, v in manifest.parity.items() if k != "mismatches"}}
     if manifest.quantization:

@@ -89,3 +89,23 @@ def test_search_sizes_must_be_whole_numbers_in_range(
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("repo/m/01", "--out must end in a positive integer version directory"),  # the server would not load it
+        ("repo/m/\u0661", "--out must end in a positive integer version directory"),
+        ("repo/m/0", "--out must end in a positive integer version directory"),
+        ("file/m/1", "cannot create"),  # a file where the model directory's parent should be
+    ],
+)
+def test_export_refuses_an_unusable_destination_before_any_work(
+    out: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_text("never read: the destination is refused first")
+    (tmp_path / "file").write_text("not a directory")
+    assert seqserve(["export", str(ckpt), "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"seqserve export: {message}") and "Traceback" not in err
