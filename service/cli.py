@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 from seqserve.v1 import seqserve_pb2 as pb
@@ -114,43 +115,70 @@ def _translate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-rescoring", action="store_true", help="rank by the model's score alone (bundles with a rescorer)"
     )
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument("--batch-size", type=int, default=64, help="inputs per request (the server's limit is 256)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     p.add_argument("--json", action="store_true", help="print the full response as JSON")
 
 
 def _run_translate(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from service.client import Client
+    from service.client import BatchTranslator, Client, InputError, RequestFailed
 
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not texts:
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
+    if not any(text.strip() for text in texts):
         print("seqserve translate: no input text", file=sys.stderr)
         return 2
-    try:
-        with Client(args.server, args.timeout) as client:
-            response = client.translate(
-                args.model,
-                texts,
-                version=args.version,
-                beam_size=args.beam,
-                num_hypotheses=args.n_best,
-                max_length=args.max_length,
-                no_rescoring=args.no_rescoring,
-            )
-    except grpc.RpcError as exc:
-        print(f"seqserve translate: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+    if args.batch_size < 1 or args.concurrency < 1:
+        print("seqserve translate: --batch-size and --concurrency must be >= 1", file=sys.stderr)
+        return 2
+    refused = 0
+    translations: list[dict[str, Any]] = []
+    status = 0
+    with Client(args.server, args.timeout) as client:
+        batcher = BatchTranslator(
+            client,
+            args.model,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            version=args.version,
+            beam_size=args.beam,
+            num_hypotheses=args.n_best,
+            max_length=args.max_length,
+            no_rescoring=args.no_rescoring,
+        )
+        try:
+            for i, result in enumerate(batcher.translate(texts)):
+                if isinstance(result, InputError):  # its line stays (empty), so outputs still align with inputs
+                    refused += 1
+                    print(f"seqserve translate: input {i + 1} {result.message} ({result.code})", file=sys.stderr)
+                    translations.append({"error": {"code": result.code, "message": result.message}})
+                    if not args.json and args.n_best == 1:
+                        print()
+                    continue
+                if result is None:  # a blank input line: a blank output line
+                    translations.append({})
+                    if not args.json and args.n_best == 1:
+                        print()
+                    continue
+                if result.unknown_source_positions:  # stdout keeps one answer per line; warnings go to stderr
+                    unknown = ", ".join(repr(result.source_tokens[p]) for p in result.unknown_source_positions)
+                    warning = f"input {i + 1} has tokens the model does not know: {unknown}"
+                    print(f"seqserve translate: {warning}", file=sys.stderr)
+                translations.append(MessageToDict(result, preserving_proto_field_name=True))
+                if not args.json:
+                    for h in result.hypotheses:
+                        print(h.text if args.n_best == 1 else f"{h.score:.4f}\t{h.text}", flush=args.n_best == 1)
+        except RequestFailed as exc:
+            print(f"seqserve translate: {exc}", file=sys.stderr)
+            status = 1
     if args.json:
-        print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
-        return 0
-    for i, t in enumerate(response.translations):
-        if t.unknown_source_positions:  # stdout keeps one answer per line; the warning goes to stderr
-            unknown = ", ".join(repr(t.source_tokens[p]) for p in t.unknown_source_positions)
-            print(f"seqserve translate: input {i + 1} has tokens the model does not know: {unknown}", file=sys.stderr)
-        for h in t.hypotheses:
-            print(h.text if args.n_best == 1 else f"{h.score:.4f}\t{h.text}")
-    return 0
+        print(json.dumps({"model": args.model, "version": batcher.version, "translations": translations}, indent=2))
+    if refused:
+        print(f"seqserve translate: {refused} of {len(texts)} inputs refused (see above)", file=sys.stderr)
+        status = status or 1
+    return status
 
 
 def _run_models(args: argparse.Namespace) -> int:

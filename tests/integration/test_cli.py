@@ -28,9 +28,11 @@ def seqserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "service.cli", *args]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """``seqserve ARGS`` as a subprocess; output captured, exit status not checked."""
-    return subprocess.run(seqserve(*args), cwd=ROOT, env=env(), capture_output=True, text=True, check=False, timeout=60)
+    return subprocess.run(
+        seqserve(*args), cwd=ROOT, env=env(), input=stdin, capture_output=True, text=True, check=False, timeout=60
+    )
 
 
 def env() -> dict[str, str]:
@@ -76,6 +78,16 @@ def test_serve_translate_and_sigterm(model_repo: Path) -> None:
         assert out.returncode == 0, out.stderr
         assert len(out.stdout.splitlines()) == 2  # still one answer per input; the warning is on stderr
         assert "input 2 has tokens the model does not know: '?', 'z'" in out.stderr
+        # a file of words, some blank or refused: one output line per input line, the refused ones reported
+        lines = ["abc", "", "fed", "a" * 300, "ab", "ba", "", "cab"]
+        out = run_cli(
+            "translate", "--server", f"127.0.0.1:{port}", "--model", "rev", "--batch-size", "2",
+            stdin="\n".join(lines) + "\n",
+        )  # fmt: skip
+        assert out.returncode == 1
+        assert out.stdout.splitlines() == ["c b a", "", "d e f", "", "b a", "a b", "", "b a c"]
+        assert "input 4 has 300 tokens, more than the limit of" in out.stderr
+        assert "1 of 8 inputs refused" in out.stderr
         out = run_cli("translate", "--server", f"127.0.0.1:{port}", "--model", "rev", "--no-rescoring", "abc")
         assert out.returncode == 0, out.stderr  # a bundle without a rescorer ranks by the model either way
         assert out.stdout.splitlines() == ["c b a"]
