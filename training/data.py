@@ -94,14 +94,22 @@ def read_tsv(path: str | Path) -> list[Example]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, raw in enumerate(p.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{p}:{lineno}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
         if not line.strip():
             continue
         parts = line.split("\t")
         if len(parts) != 2:
             raise DataError(f"{p}:{lineno}: expected 'source<TAB>target', got {len(parts)} field(s)")
+        if not parts[0].strip():
+            raise DataError(f"{p}:{lineno}: the source is empty (an empty target is allowed, an empty source is not)")
         if parts[1] not in refs.setdefault(parts[0], []):
             refs[parts[0]].append(parts[1])
+    if not refs:
+        raise DataError(f"{p}: no 'source<TAB>target' lines")
     return [Example(src, tuple(t)) for src, t in refs.items()]
 
 

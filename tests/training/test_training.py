@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from training.config import ConfigError, load_config
-from training.data import Example, read_cmudict, split_key, split_of
+from training.data import DataError, Example, read_cmudict, read_tsv, split_key, split_of
 from training.evaluate import calibration, score
 from training.train import Trainer, build_tokenizers, load_datasets
 
@@ -160,6 +160,29 @@ def test_train_refuses_devices_and_files_it_cannot_use_in_one_line(
     missing = str(tmp_path / "absent.dict")
     assert missing in run("data.dataset=cmudict", f"data.cmudict_file={missing}")
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_tsv_pairs_group_references_and_keep_empty_targets(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.tsv"
+    path.write_bytes(b"read\tR IY1 D\r\nread\tR EH1 D\r\n\r\nuh\t\nread\tR IY1 D\n")  # CRLF, blank, repeat
+    assert read_tsv(path) == [Example("read", ("R IY1 D", "R EH1 D")), Example("uh", ("",))]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"abc\tc b a\nab\xff\tx\n", r"pairs\.tsv:2: not UTF-8 text \(byte 3 of the line\)"),
+        (b"abc\tc b a\n\tx y\n", r"pairs\.tsv:2: the source is empty"),
+        (b"abc\tc\tb\n", r"pairs\.tsv:1: expected 'source<TAB>target', got 3 field\(s\)"),
+        (b"\n\n", r"pairs\.tsv: no 'source<TAB>target' lines"),
+    ],
+)
+def test_bad_tsv_files_are_refused_with_the_line(tmp_path: Path, content: bytes, message: str) -> None:
+    """They used to be a UnicodeDecodeError traceback, or trained silently on empty sources or on nothing."""
+    path = tmp_path / "pairs.tsv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_tsv(path)
 
 
 def test_split_rule_puts_known_words_where_the_rule_says() -> None:
