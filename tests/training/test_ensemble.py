@@ -122,13 +122,19 @@ def test_eval_decodes_several_checkpoints_as_an_ensemble(tmp_path: Path, capsys:
     Trainer(load_config(None, [*TINY, "train.max_steps=2"]), run).run(resume=False, progress=False)
     ckpt = str(run / "last.pt")
     capsys.readouterr()  # the training run's own output
-    argv = ["eval", ckpt, ckpt, "--split", "dev", "--limit", "20", "--beam", "2", "--json"]
+    data = str(reversal_pairs(tmp_path / "dev.tsv"))
+    argv = ["eval", ckpt, ckpt, "--data", data, "--limit", "20", "--beam", "2", "--json"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["model"] == f"{ckpt} + {ckpt}" and result["words"] == 20 and 0.0 <= result["wer"] <= 1.0
+    assert result["split"] == data
     assert 0.0 < result["confidence"] <= 1.0 and 0.0 <= result["ece"] <= 1.0
-    assert main(["eval", ckpt, "--split", "dev", "--limit", "20", "--beam", "2"]) == 0
+    assert main(["eval", ckpt, "--data", data, "--limit", "20", "--beam", "2"]) == 0
     assert "expected calibration error" in capsys.readouterr().out
+    # a model of another data set is not scored against CMUdict by default (that gave meaningless figures)
+    assert main(["eval", ckpt, "--split", "dev", "--limit", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seqserve eval: the model was trained on 'reverse' data, not CMUdict: give its dev")
     assert main(["eval", ckpt, str(ROOT / "models" / "g2p-en" / "2")]) == 2
     assert "one bundle directory, or one or more checkpoints" in capsys.readouterr().err
     assert main(["eval", ckpt, str(ROOT / "README.md")]) == 2
@@ -136,3 +142,13 @@ def test_eval_decodes_several_checkpoints_as_an_ensemble(tmp_path: Path, capsys:
     torch.save([1, 2], tmp_path / "list.pt")  # a torch file, but not a checkpoint
     assert main(["eval", str(tmp_path / "list.pt")]) == 2
     assert "list.pt: not a seqserve checkpoint (format 'list')" in capsys.readouterr().err
+
+
+def reversal_pairs(path: Path, n: int = 30) -> Path:
+    """A reversal task's dev file (what the TINY models learn): ``abc<TAB>c b a`` lines."""
+    words = [
+        "".join("abcdefghij"[(i >> (2 * j)) % 10] for j in range(3 + i % 3)) + "abcdefghij"[i % 10] for i in range(n)
+    ]
+    assert len(set(words)) == n
+    path.write_text("".join(f"{w}\t{' '.join(reversed(w))}\n" for w in words))
+    return path
