@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -13,13 +14,17 @@ import grpc
 from seqserve.v1 import seqserve_pb2 as pb
 from seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 
-from service.api.convert import Limits, check_sources, hypothesis, model_version, request_options
+from service.api.convert import Limits, RequestOptions, check_sources, hypothesis, model_version, request_options
+from service.engine.batch import Job
 from service.errors import DeadlineExceeded, InvalidArgument, ServeError
 from service.metrics import Metrics
 from service.repository import ModelRepository
-from service.runtime.bundle import SourceError
+from service.runtime.bundle import Bundle, SourceError
 from service.text import UNK_ID
 
+# Requests with at least this many sources build their answer on a worker thread: re-ranking with the graphone
+# n-gram costs ≈ 0.5 ms per source, so a 256-source answer held the event loop (every other request) ≈ 0.1 s
+ANSWER_OFF_LOOP_FROM = 16
 log = logging.getLogger(__name__)
 
 STATUS_CODES: dict[str, grpc.StatusCode] = {
@@ -40,6 +45,28 @@ class Failure(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def answer(
+    bundle: Bundle, jobs: list[Job], source_tokens: list[list[str]], opts: RequestOptions
+) -> tuple[pb.TranslateResponse, int, int]:
+    """The response for finished jobs (n-best re-ranked where the bundle rescores), the best hypotheses' tokens
+    and the unknown source tokens counted."""
+    response = pb.TranslateResponse(model=bundle.name, version=bundle.version)
+    generated = unknown = 0
+    for job, tokens in zip(jobs, source_tokens, strict=True):
+        outs = bundle.outputs(job, tokens, opts.replace_unknowns, opts.rescore)
+        generated += len(outs[0].tokens) if outs else 0
+        positions = [i for i, token_id in enumerate(job.src_ids) if token_id == UNK_ID]
+        unknown += len(positions)
+        response.translations.append(
+            pb.Translation(
+                hypotheses=[hypothesis(o, opts.return_attention) for o in outs],
+                source_tokens=tokens,
+                unknown_source_positions=positions,
+            )
+        )
+    return response, generated, unknown
 
 
 class Seq2SeqServicer(pb_grpc.Seq2SeqServicer):
@@ -109,21 +136,11 @@ class Seq2SeqServicer(pb_grpc.Seq2SeqServicer):
         if deadline is not None and remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the deadline passed before decoding started")
         await engine.decode(jobs, deadline)
-        response = pb.TranslateResponse(model=bundle.name, version=bundle.version)
-        generated = unknown = 0
         started = time.perf_counter()
-        for job, tokens in zip(jobs, source_tokens, strict=True):
-            outs = bundle.outputs(job, tokens, opts.replace_unknowns, opts.rescore)
-            generated += len(outs[0].tokens) if outs else 0
-            positions = [i for i, token_id in enumerate(job.src_ids) if token_id == UNK_ID]
-            unknown += len(positions)
-            response.translations.append(
-                pb.Translation(
-                    hypotheses=[hypothesis(o, opts.return_attention) for o in outs],
-                    source_tokens=tokens,
-                    unknown_source_positions=positions,
-                )
-            )
+        if len(jobs) >= ANSWER_OFF_LOOP_FROM:  # milliseconds of Python (rescoring): let other requests move meanwhile
+            response, generated, unknown = await asyncio.to_thread(answer, bundle, jobs, source_tokens, opts)
+        else:
+            response, generated, unknown = answer(bundle, jobs, source_tokens, opts)
         if bundle.rescores(opts.beam_size, opts.rescore):
             self.metrics.rescoring_seconds.labels(bundle.name).observe(time.perf_counter() - started)
         self.metrics.generated_tokens.labels(bundle.name).inc(generated)

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -304,6 +305,26 @@ def test_live_repository_new_corrupted_and_broken_versions(
     assert _wait_for(lambda: ("rev", 3) in states())
     assert states()[("rev", 3)].state == pb.MODEL_STATE_UNAVAILABLE
     assert translate(stub, ["abc"]).version == 2
+
+
+def test_large_answers_are_built_off_the_event_loop(server: ServerThread, stub, monkeypatch) -> None:
+    """Re-ranking a large request's n-best lists is milliseconds of Python per source: it runs on a worker thread so
+    that other requests move meanwhile; small answers stay on the loop (no hand-off cost)."""
+    from service.api import servicer
+
+    threads: list[threading.Thread] = []
+    build = servicer.answer
+
+    def recording(*args: Any) -> Any:
+        threads.append(threading.current_thread())
+        return build(*args)
+
+    monkeypatch.setattr(servicer, "answer", recording)
+    many = [WORDS[i % len(WORDS)] for i in range(servicer.ANSWER_OFF_LOOP_FROM)]
+    large = translate(stub, many, beam_size=3)
+    small = translate(stub, many[:2], beam_size=3)
+    assert threads[0] is not server._thread and threads[1] is server._thread
+    assert [t.hypotheses[0].text for t in large.translations[:2]] == [t.hypotheses[0].text for t in small.translations]
 
 
 def unknown_tokens_counted(server: ServerThread) -> float:
