@@ -14,43 +14,30 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from bench.serving import ROOT, free_port, test_words, write_result
+from bench.serving import ROOT, ServerProcess, test_words, write_result
 from service.client import Client
 
 NEVER = 10**9
 
 
 def run(repo: Path, model: str, threshold: int, words: list[str], small: int, seed: int) -> dict[str, float]:
-    port = free_port()
-    code = (
-        f"import service.api.servicer as s; s.ANSWER_OFF_LOOP_FROM = {threshold}; from service.cli import main; "
-        f"raise SystemExit(main(['serve', '--model-repository', {str(repo)!r}, '--grpc-port', '{port}', "
-        "'--metrics-port', '-1', '--poll-interval', '0', '--log-level', 'WARNING']))"
+    server = ServerProcess(
+        repo, "step", 1, [], setup=f"import service.api.servicer as s\ns.ANSWER_OFF_LOOP_FROM = {threshold}"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     rng = random.Random(seed)
     try:
-        client = Client(f"127.0.0.1:{port}", 120)
-        for _ in range(400):
-            try:
-                client.translate(model, ["warmup"])
-                break
-            except grpc.RpcError:
-                time.sleep(0.3)
+        server.wait_ready(model)
+        client = Client(server.target, 120)
         stop = threading.Event()
         large_words = [0]
 
         def large() -> None:
-            with Client(f"127.0.0.1:{port}", 120) as other:
+            with Client(server.target, 120) as other:
                 while not stop.is_set():
                     other.translate(model, rng.sample(words, 256), beam_size=5)
                     large_words[0] += 256
@@ -75,8 +62,7 @@ def run(repo: Path, model: str, threshold: int, words: list[str], small: int, se
             "large_words_per_s": large_rate,
         }
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        server.stop()
 
 
 def main() -> int:

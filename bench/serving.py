@@ -90,13 +90,18 @@ def test_words(limit: int, seed: int) -> list[str]:
 
 class ServerProcess:
     def __init__(
-        self, repo: Path, batching: str, threads: int, extra: list[str], workers: int = 1, cpus: str = ""
+        self,
+        repo: Path,
+        batching: str,
+        threads: int,
+        extra: list[str],
+        workers: int = 1,
+        cpus: str = "",
+        setup: str = "",
     ) -> None:
+        """``setup``: Python run in the server process before it starts (e.g. setting a module constant)."""
         self.port = free_port()
         args = [
-            sys.executable,
-            "-m",
-            "service.cli",
             "serve",
             "--model-repository",
             str(repo),
@@ -116,6 +121,11 @@ class ServerProcess:
             "WARNING",
             *extra,
         ]
+        if setup:
+            code = f"{setup}\nfrom service.cli import main\nraise SystemExit(main({args!r}))"
+            args = [sys.executable, "-c", code]
+        else:
+            args = [sys.executable, "-m", "service.cli", *args]
         env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'proto'}"}
         if cpus:  # pin the server away from the load generator
             args = ["taskset", "-c", cpus, *args]

@@ -46,16 +46,16 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from export.onnx_export import ExportError
     from export.pipeline import ExportOptions, export_checkpoint
+    from service.runtime.manifest import version_number
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("export").setLevel(logging.INFO)  # our progress; onnxruntime's quantizer stays quiet
-    name = args.out.name
-    if not (name.isascii() and name.isdigit() and name == str(int(name)) and int(name) >= 1):  # the server's rule
+    version = version_number(args.out.name)  # the server's rule
+    if version is None:
         print(
             f"seqserve export: --out must end in a positive integer version directory, got {args.out}", file=sys.stderr
         )
         return 2
-    version = int(name)
     missing = [str(p) for p in [*args.checkpoint, *([args.graphone] if args.graphone else [])] if not p.is_file()]
     if missing:
         print(f"seqserve export: not found: {', '.join(missing)}", file=sys.stderr)

@@ -130,37 +130,36 @@ def _run_translate(args: argparse.Namespace) -> int:
     if not any(text.strip() for text in texts):
         print("seqserve translate: no input text", file=sys.stderr)
         return 2
-    if args.batch_size < 1 or args.concurrency < 1:
-        print("seqserve translate: --batch-size and --concurrency must be >= 1", file=sys.stderr)
-        return 2
     refused = 0
     translations: list[dict[str, Any]] = []
     status = 0
     with Client(args.server, args.timeout) as client:
-        batcher = BatchTranslator(
-            client,
-            args.model,
-            batch_size=args.batch_size,
-            concurrency=args.concurrency,
-            version=args.version,
-            beam_size=args.beam,
-            num_hypotheses=args.n_best,
-            max_length=args.max_length,
-            no_rescoring=args.no_rescoring,
-        )
+        try:
+            batcher = BatchTranslator(
+                client,
+                args.model,
+                batch_size=args.batch_size,
+                concurrency=args.concurrency,
+                version=args.version,
+                beam_size=args.beam,
+                num_hypotheses=args.n_best,
+                max_length=args.max_length,
+                no_rescoring=args.no_rescoring,
+            )
+        except ValueError as exc:
+            print(f"seqserve translate: {exc}", file=sys.stderr)
+            return 2
         try:
             for i, result in enumerate(batcher.translate(texts)):
-                if isinstance(result, InputError):  # its line stays (empty), so outputs still align with inputs
-                    refused += 1
-                    print(f"seqserve translate: input {i + 1} {result.message} ({result.code})", file=sys.stderr)
-                    translations.append({"error": {"code": result.code, "message": result.message}})
+                if result is None or isinstance(result, InputError):  # a blank or refused input: an empty line
+                    if result is None:
+                        translations.append({})
+                    else:
+                        refused += 1
+                        print(f"seqserve translate: input {i + 1} {result.message} ({result.code})", file=sys.stderr)
+                        translations.append({"error": {"code": result.code, "message": result.message}})
                     if not args.json and args.n_best == 1:
-                        print()
-                    continue
-                if result is None:  # a blank input line: a blank output line
-                    translations.append({})
-                    if not args.json and args.n_best == 1:
-                        print()
+                        print()  # so the output lines still align with the input lines
                     continue
                 if result.unknown_source_positions:  # stdout keeps one answer per line; warnings go to stderr
                     unknown = ", ".join(repr(result.source_tokens[p]) for p in result.unknown_source_positions)

@@ -118,6 +118,4 @@ class BatchTranslator:
             for chunk, results in zip(rest, pool.map(lambda c: self._run(texts, c), rest), strict=True):
                 answers.update(zip(chunk, results, strict=True))
                 yield from ready()
-        while next_out < len(texts):  # trailing blank texts
-            yield None
-            next_out += 1
+        yield from ready()  # blank texts when nothing was sent

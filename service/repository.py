@@ -19,7 +19,7 @@ from service.engine.scheduler import EngineSettings
 from service.errors import InvalidArgument, NotFound, Unavailable
 from service.metrics import Metrics
 from service.runtime.bundle import Bundle
-from service.runtime.manifest import MANIFEST_NAME, BundleError
+from service.runtime.manifest import MANIFEST_NAME, BundleError, version_number
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,9 @@ def fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
 def version_dirs(model_dir: Path) -> dict[int, Path]:
     out = {}
     for child in model_dir.iterdir():
-        # canonical positive integers only: "01" beside "1", or a non-ASCII digit (U+0661), is not version 1
-        canonical = child.name.isascii() and child.name.isdigit() and child.name == str(int(child.name))
-        if canonical and int(child.name) > 0 and child.is_dir() and (child / MANIFEST_NAME).exists():
-            out[int(child.name)] = child
+        version = version_number(child.name)
+        if version is not None and child.is_dir() and (child / MANIFEST_NAME).exists():
+            out[version] = child
     return out
 
 

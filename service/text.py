@@ -15,6 +15,7 @@ from typing import Any
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+NEVER_GENERATED = [PAD_ID, BOS_ID]  # output tokens no search may choose, however a model weighs them
 TOKENIZER_KINDS = ("char", "word", "sentencepiece")
 
 

@@ -17,11 +17,10 @@ import torch
 from torch import Tensor
 
 from service.engine.beam import normalise
-from service.text import BOS_ID, EOS_ID, PAD_ID
+from service.text import BOS_ID, EOS_ID, NEVER_GENERATED, PAD_ID
 from training.model import StepModel
 
 NEG_INF = float("-inf")
-NEVER_GENERATED = [PAD_ID, BOS_ID]  # never an output token, however a model (or sampling) weighs them
 
 
 @dataclass(frozen=True)

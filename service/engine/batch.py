@@ -17,13 +17,10 @@ import numpy as np
 import numpy.typing as npt
 
 from service.engine.beam import NEG_INF, BeamSearch, advance_plain
-from service.text import BOS_ID, PAD_ID
+from service.text import NEVER_GENERATED
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
-
-
-NEVER_GENERATED = [PAD_ID, BOS_ID]  # output tokens no search may choose
 
 
 class StepResult(Protocol):

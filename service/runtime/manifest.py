@@ -21,6 +21,16 @@ from service.text import TokenizerError, TokenizerSpec
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+
+
+def version_number(name: str) -> int | None:
+    """The version a directory name stands for: canonical positive integers only ("01" beside "1", or a non-ASCII
+    digit such as U+0661, is no version), so one version has one directory."""
+    if name.isascii() and name.isdigit() and name == str(int(name)) and int(name) >= 1:
+        return int(name)
+    return None
+
+
 GRAPHS = ("encoder", "decoder_step")
 
 
