@@ -50,11 +50,11 @@ def arpa(tmp_path: Path) -> Path:
     return path
 
 
-def brute_force(model_lines: str, source: list[str], target: list[str]) -> float | None:
-    """Best segmentation score by enumerating every segmentation and applying the backoff rule by hand."""
+def parse_arpa(text: str) -> dict[tuple[str, ...], tuple[float, float]]:
+    """n-gram -> (log10 probability, log10 back-off weight), read by hand."""
     probs: dict[tuple[str, ...], tuple[float, float]] = {}
     order = 0
-    for line in model_lines.strip().splitlines():
+    for line in text.strip().splitlines():
         line = line.strip()
         if line.startswith("\\") and line.endswith("-grams:"):
             order = int(line[1])
@@ -63,13 +63,22 @@ def brute_force(model_lines: str, source: list[str], target: list[str]) -> float
             continue
         parts = line.split()
         probs[tuple(parts[1 : 1 + order])] = (float(parts[0]), float(parts[1 + order]) if len(parts) > 1 + order else 0)
+    return probs
 
-    def log_p(history: tuple[str, ...], token: str) -> float:
-        if (*history, token) in probs:
-            return probs[(*history, token)][0]
-        if not history:
-            raise KeyError(token)
-        return probs.get(history, (0.0, 0.0))[1] + log_p(history[1:], token)
+
+def backoff_log_p(probs: dict[tuple[str, ...], tuple[float, float]], history: tuple[str, ...], token: str) -> float:
+    """The ARPA back-off rule: the n-gram's probability, else the history's back-off weight (1 when the history is
+    not an n-gram) times the probability given the history without its oldest token."""
+    if (*history, token) in probs:
+        return probs[(*history, token)][0]
+    if not history:
+        raise KeyError(token)
+    return probs.get(history, (0.0, 0.0))[1] + backoff_log_p(probs, history[1:], token)
+
+
+def brute_force(model_lines: str, source: list[str], target: list[str]) -> float | None:
+    """Best segmentation score by enumerating every segmentation and applying the backoff rule by hand."""
+    probs = parse_arpa(model_lines)
 
     def segmentations(i: int, j: int) -> Iterator[list[str]]:
         if i == len(source):
@@ -86,7 +95,7 @@ def brute_force(model_lines: str, source: list[str], target: list[str]) -> float
         if any((tok,) not in probs for tok in seg):
             continue
         seq = ["<s>", *seg, "</s>"]
-        total = sum(log_p((seq[k - 1],), seq[k]) for k in range(1, len(seq)))
+        total = sum(backoff_log_p(probs, (seq[k - 1],), seq[k]) for k in range(1, len(seq)))
         best = total if best is None else max(best, total)
     return None if best is None else best * LN10
 
@@ -188,18 +197,48 @@ def test_the_file_is_a_quantized_trie_that_keeps_every_ngram(tmp_path: Path) -> 
     path = tmp_path / "r.npz"
     model.save(path)
     loaded = GraphoneModel.load(path)
-    lp, bo, lp2, bo2 = model._log_prob, model._backoff, loaded._log_prob, loaded._backoff
-    assert lp.keys() == lp2.keys() and bo.keys() == bo2.keys()  # zero back-off weights stay exactly zero
-    error = np.abs(np.array([lp[k] - lp2[k] for k in lp] + [bo[k] - bo2[k] for k in bo]))
+    before, after = model.ngrams(), loaded.ngrams()
+    assert len(before) == len(after) == 3
+    for old, new in zip(before, after, strict=True):
+        assert np.array_equal(old.ids, new.ids)  # every n-gram kept, in the same (lexicographic) order
+        assert np.array_equal(old.backoff == 0, new.backoff == 0)  # zero back-off weights stay exactly zero
+    error = np.abs(
+        np.concatenate(
+            [np.r_[a.log_prob - b.log_prob, a.backoff - b.backoff] for a, b in zip(before, after, strict=True)]
+        )
+    )
     assert 0 < error.max() < 0.05 and error.mean() < 0.005  # lossy above the unigrams, but fine-grained
-    unigrams = [k for k in lp if k < loaded._base]
-    assert all(lp[k] == lp2[k] for k in unigrams)  # unigrams are exact
+    assert np.array_equal(before[0].log_prob, after[0].log_prob)  # unigrams are exact
+    assert np.array_equal(before[0].backoff, after[0].backoff)
     again = tmp_path / "again.npz"
     loaded.save(again)  # a quantized model is stored exactly: re-saving changes nothing
     with np.load(path) as first, np.load(again) as second:
         assert first.files == second.files
         assert all(np.array_equal(first[name], second[name]) for name in first.files)
     assert path.stat().st_size < 0.6 * arpa.stat().st_size
+
+
+def test_scores_follow_the_backoff_rule_where_suffixes_are_missing(tmp_path: Path) -> None:
+    """A random prefix-closed 4-gram model lacks many suffixes (``b c`` of ``a b c``): a history backs off past
+    them to the longest suffix the model has, as the ARPA back-off rule does with their weight of 1."""
+    rng = np.random.default_rng(3)
+    text = random_arpa(rng, n_tokens=8, per_order=120, order=4)
+    arpa = tmp_path / "r.arpa"
+    arpa.write_text(text, encoding="utf-8")
+    model = GraphoneModel.from_arpa(arpa)
+    probs = parse_arpa(text)
+    prefixes = sorted({gram[:3] for gram in probs if len(gram) == 4})  # follow the model's 4-grams often
+    for _ in range(300):
+        first = prefixes[rng.integers(len(prefixes))] if rng.random() < 0.7 else ()
+        rest = [f"t{i}}}X{i}" for i in rng.integers(0, 8, size=rng.integers(1, 5))]
+        seq = [t for t in [*first, *rest] if t not in ("<s>", "</s>")]
+        if not seq:
+            continue
+        source = [t.split("}")[0] for t in seq]
+        target = [t.split("}")[1] for t in seq]
+        words = ["<s>", *seq, "</s>"]
+        want = LN10 * sum(backoff_log_p(probs, tuple(words[max(0, k - 3) : k]), words[k]) for k in range(1, len(words)))
+        assert model.score(source, target) == pytest.approx(want, rel=1e-5, abs=1e-4)
 
 
 def test_quantize_is_exact_for_few_values_and_keeps_zero() -> None:
@@ -235,7 +274,7 @@ def test_format_1_files_still_load(arpa: Path, tmp_path: Path) -> None:
         GraphoneModel.load(path)
 
 
-def test_a_model_without_prefixes_cannot_be_saved(tmp_path: Path) -> None:
+def test_a_model_without_prefixes_is_refused(tmp_path: Path) -> None:
     arpa = tmp_path / "holes.arpa"
     arpa.write_text(
         ARPA.replace("ngram 2=6", "ngram 2=6\nngram 3=1").replace(
@@ -243,10 +282,8 @@ def test_a_model_without_prefixes_cannot_be_saved(tmp_path: Path) -> None:
         ),
         encoding="utf-8",
     )
-    model = GraphoneModel.from_arpa(arpa)  # scoring works; only the trie needs "c}K a}AH" as a 2-gram
-    assert model.score(list("cab"), ["K", "AH", "B"]) is not None
-    with pytest.raises(GraphoneError, match="has no 2-gram prefix"):
-        model.save(tmp_path / "holes.npz")
+    with pytest.raises(GraphoneError, match="the 3-gram prefix c}K a}AH is not in the model"):
+        GraphoneModel.from_arpa(arpa)  # a back-off model needs "c}K a}AH" as a 2-gram (its back-off weight)
 
 
 def test_a_damaged_trie_is_refused_in_one_line(tmp_path: Path) -> None:
