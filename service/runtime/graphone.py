@@ -189,6 +189,7 @@ class Trie:
             keys.append((offsets[-2] + level.parent) * base + level.token)
             offsets.append(offsets[-1] + len(level.token))
         all_keys = np.concatenate(keys)
+        del keys
         if not np.all(np.diff(all_keys) > 0):
             raise GraphoneError("the n-grams are not in lexicographic order, or one is listed twice")
         suffix = np.zeros(len(all_keys), dtype=np.int64)
@@ -205,18 +206,7 @@ class Trie:
                 context[todo[~hit]] = suffix[context[todo[~hit]]]
             suffix[chosen] = found
         order_of = np.repeat(np.arange(len(offsets), dtype=np.int8), np.diff([0, *offsets]))
-        high = np.arange(offsets[1], offsets[-1], dtype=np.int64)
-        bits = max(4, (2 * len(high)).bit_length())
-        slots = np.zeros(1 << bits, dtype=np.int32)
-        hashed = (all_keys[high].astype(np.uint64) * np.uint64(HASH_MULTIPLIER)) >> np.uint64(64 - bits)
-        pending, position = high, hashed.astype(np.int64)
-        while len(pending):  # linear probing: every pending key one slot further per round
-            free = np.flatnonzero(slots[position] == 0)
-            taken, first = np.unique(position[free], return_index=True)
-            slots[taken] = pending[free[first]]
-            placed = np.zeros(len(pending), dtype=bool)
-            placed[free[first]] = True
-            pending, position = pending[~placed], (position[~placed] + 1) & ((1 << bits) - 1)
+        slots = hash_table(all_keys, offsets[1])
         return cls(
             offsets,
             all_keys,
@@ -226,6 +216,40 @@ class Trie:
             order_of,
             slots,
         )
+
+
+def hash_table(keys: npt.NDArray[np.int64], start: int) -> npt.NDArray[np.int32]:
+    """Open-addressing table (linear probing, 0 = empty) of the indices start.. of ``keys``, twice as many slots
+    as keys: the key's home slot is the top bits of key * HASH_MULTIPLIER (mod 2**64). Built without a probing loop:
+    in order of home slot, each key takes max(its home, the previous key's slot + 1); the few keys that run past the
+    end then wrap around into the first free slots. Every slot between a key's home and its slot is taken, which
+    is all a lookup needs."""
+    count = len(keys) - start
+    bits = max(4, (2 * count).bit_length())
+    size = 1 << bits
+    home = ((keys[start:].astype(np.uint64) * np.uint64(HASH_MULTIPLIER)) >> np.uint64(64 - bits)).astype(np.int64)
+    order = np.argsort(home, kind="stable")
+    place = home[order]
+    del home
+    steps = np.arange(count, dtype=np.int64)
+    place -= steps
+    np.maximum.accumulate(place, out=place)
+    place += steps  # position i >= home i and > position i-1
+    del steps
+    slots = np.zeros(size, dtype=np.int32)
+    inside = place < size
+    slots[place[inside]] = order[inside] + start
+    wrapped = order[~inside] + start
+    if len(wrapped):  # past the end: the first free slots from 0 on
+        slots[np.flatnonzero(slots == 0)[: len(wrapped)]] = wrapped
+    return slots
+
+
+def flat(typecode: str, values: npt.NDArray[Any]) -> array[Any]:
+    """``values`` as an ``array.array`` (whose items read back as Python numbers), copied once."""
+    out = array(typecode)
+    out.frombytes(np.ascontiguousarray(values).data.cast("B"))
+    return out
 
 
 class GraphoneModel:
@@ -243,12 +267,12 @@ class GraphoneModel:
         # the model as flat arrays (array.array: indexing one gives a Python number, several times faster than
         # numpy's scalars): n-gram i's key (parent * base + last token), natural-log probability and back-off
         # weight, suffix (its longest proper suffix that is an n-gram, as a history) and that suffix's order
-        self._keys = array("q", trie.keys.tobytes())
-        self._lp = array("f", trie.log_prob.tobytes())
-        self._bo = array("f", trie.backoff.tobytes())
-        self._suffix = array("i", trie.suffix.tobytes())
-        self._level = array("b", trie.level.tobytes())
-        self._slots = array("i", trie.slots.tobytes())
+        self._keys = flat("q", trie.keys)
+        self._lp = flat("f", trie.log_prob)
+        self._bo = flat("f", trie.backoff)
+        self._suffix = flat("i", trie.suffix)
+        self._level = flat("b", trie.level)
+        self._slots = flat("i", trie.slots)
         self._mask = len(trie.slots) - 1
         self._shift = 64 - self._mask.bit_length()
         self._bos = self._ids[BOS]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.runtime.graphone import LN10, GraphoneError, GraphoneModel, graphone, quantize
+from service.runtime.graphone import HASH_MULTIPLIER, LN10, GraphoneError, GraphoneModel, graphone, hash_table, quantize
 
 # a hand-written bigram model over graphones (log10), with backoff weights
 ARPA = """
@@ -239,6 +239,30 @@ def test_scores_follow_the_backoff_rule_where_suffixes_are_missing(tmp_path: Pat
         words = ["<s>", *seq, "</s>"]
         want = LN10 * sum(backoff_log_p(probs, tuple(words[max(0, k - 3) : k]), words[k]) for k in range(1, len(words)))
         assert model.score(source, target) == pytest.approx(want, rel=1e-5, abs=1e-4)
+
+
+def probe(slots: np.ndarray[Any, Any], keys: np.ndarray[Any, Any], key: int) -> int:
+    """A lookup as the scorer does it: linear probing from the key's home slot to the key or an empty slot."""
+    bits = len(slots).bit_length() - 1
+    slot = ((key * HASH_MULTIPLIER) & ((1 << 64) - 1)) >> (64 - bits)
+    while slots[slot] and keys[slots[slot]] != key:
+        slot = (slot + 1) & (len(slots) - 1)
+    return int(slots[slot])
+
+
+@pytest.mark.parametrize("count", [1, 7, 300, 5000])
+def test_every_key_is_found_in_the_hash_table(count: int) -> None:
+    rng = np.random.default_rng(count)
+    bits = max(4, (2 * count).bit_length())
+    # keys whose home is the last slot run past the end of the table and wrap around to its start
+    last = [k for k in range(1, 200_000) if ((k * HASH_MULTIPLIER) & ((1 << 64) - 1)) >> (64 - bits) == 2**bits - 1]
+    chosen = sorted(set(rng.choice(10**9, size=count, replace=False).tolist()) | set(last[: min(count, 4)]))
+    keys = np.asarray([0, *chosen], dtype=np.int64)  # index 0 is never stored: 0 marks an empty slot
+    slots = hash_table(keys, 1)
+    assert len(slots) >= 2 * (len(keys) - 1) and np.count_nonzero(slots) == len(keys) - 1
+    assert all(probe(slots, keys, int(k)) == i for i, k in enumerate(keys[1:], 1))
+    absent = set(rng.integers(0, 10**9, size=200).tolist()) - set(chosen)
+    assert all(probe(slots, keys, k) == 0 for k in absent)
 
 
 def test_quantize_is_exact_for_few_values_and_keeps_zero() -> None:
