@@ -433,7 +433,8 @@ class GraphoneModel:
         return (self._lp[token] + backoff, token, 1) if self.order > 1 else (self._lp[token] + backoff, 0, 0)
 
     def _log_p(self, history: int, length: int, token: int) -> float:
-        return self._step(history, length, token)[0]
+        """log P(token | history), not cached (the end token, once per word and hypothesis)."""
+        return self._walk(history, length, token)[0]
 
     def _step(self, history: int, length: int, token: int) -> tuple[float, int, int]:
         key = (history, length, token)
