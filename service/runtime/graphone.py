@@ -118,6 +118,12 @@ def normalise(tokens: Sequence[str], pattern: re.Pattern[str] | None) -> list[st
     return [t for t in (pattern.sub("", tok) for tok in tokens) if t]
 
 
+def sorted_index(keys: npt.NDArray[np.int64], wanted: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The index of each wanted key in the ascending ``keys``, 0 where it is absent (index 0 is the trie's root)."""
+    index = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    return np.where(keys[index] == wanted, index, 0)
+
+
 @dataclass(frozen=True)
 class Level:
     """The n-grams of one order in trie form, in lexicographic order: each one's (n-1)-gram prefix as an index
@@ -160,9 +166,7 @@ class Trie:
             ids = orders[k - 1].ids.reshape(-1, k).astype(np.int64)
             node = ids[:, 0].copy()
             for col in range(1, k - 1):  # walk down the trie to each row's prefix
-                wanted = node * base + ids[:, col]
-                index = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
-                node = np.where((node > 0) & (keys[index] == wanted), index, 0)
+                node = np.where(node > 0, sorted_index(keys, node * base + ids[:, col]), 0)
             if not node.all():
                 missing = ids[int(np.argmin(node > 0)), :-1]
                 raise GraphoneError(
@@ -199,9 +203,8 @@ class Trie:
             context = suffix[all_keys[chosen] // base]  # the prefix's suffix: w2..w(k-1) or shorter
             found = np.zeros(len(chosen), dtype=np.int64)
             while (todo := np.flatnonzero(found == 0)).size:
-                wanted = context[todo] * base + token[todo]
-                index = np.minimum(np.searchsorted(all_keys, wanted), len(all_keys) - 1)
-                hit = all_keys[index] == wanted
+                index = sorted_index(all_keys, context[todo] * base + token[todo])  # never the root: tokens are >= 1
+                hit = index > 0
                 found[todo[hit]] = index[hit]
                 context[todo[~hit]] = suffix[context[todo[~hit]]]
             suffix[chosen] = found
@@ -345,35 +348,36 @@ class GraphoneModel:
             "tokens": np.asarray(self.tokens, dtype=str),
             "strip": np.asarray([self.strip], dtype=str),
         }
-        keys = np.frombuffer(self._keys, dtype=np.int64)
-        log_prob = np.frombuffer(self._lp, dtype=np.float32)
-        backoff = np.frombuffer(self._bo, dtype=np.float32)
-        for k in range(1, self.order + 1):
-            chosen = slice(self._offsets[k - 1], self._offsets[k])
+        for k, level in enumerate(self.levels(), 1):
             if k == 1:
-                arrays["log_prob1"], arrays["backoff1"] = log_prob[chosen].copy(), backoff[chosen].copy()
+                arrays["log_prob1"], arrays["backoff1"] = level.log_prob, level.backoff
                 continue
-            parent = keys[chosen] // self._base - self._offsets[k - 2]  # the prefix's index among the (k-1)-grams
-            arrays[f"token{k}"] = smallest_uint(keys[chosen] % self._base)
-            arrays[f"prefix{k}"] = smallest_uint(np.diff(parent, prepend=0))  # non-decreasing: small steps
-            arrays[f"log_prob_code{k}"], arrays[f"log_prob_book{k}"] = quantize(log_prob[chosen])
-            arrays[f"backoff_code{k}"], arrays[f"backoff_book{k}"] = quantize(backoff[chosen])
+            arrays[f"token{k}"] = smallest_uint(level.token)
+            arrays[f"prefix{k}"] = smallest_uint(np.diff(level.parent, prepend=0))  # non-decreasing: small steps
+            arrays[f"log_prob_code{k}"], arrays[f"log_prob_book{k}"] = quantize(level.log_prob)
+            arrays[f"backoff_code{k}"], arrays[f"backoff_book{k}"] = quantize(level.backoff)
         with path.open("wb") as f:
             np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
 
-    def ngrams(self) -> list[NGrams]:
-        """The model's n-grams by order (token ids int64 in lexicographic order, values float32)."""
+    def levels(self) -> list[Level]:
+        """The model's n-grams by order in trie form (what the file stores; values float32)."""
         keys = np.frombuffer(self._keys, dtype=np.int64)
         log_prob = np.frombuffer(self._lp, dtype=np.float32)
         backoff = np.frombuffer(self._bo, dtype=np.float32)
-        out: list[NGrams] = []
-        ids = np.arange(1, len(self.tokens) + 1, dtype=np.int64)[:, None]
+        out = []
         for k in range(1, self.order + 1):
             chosen = slice(self._offsets[k - 1], self._offsets[k])
-            if k > 1:
-                parent = keys[chosen] // self._base - self._offsets[k - 2]
-                ids = np.concatenate([ids[parent], (keys[chosen] % self._base)[:, None]], axis=1)
-            out.append(NGrams(ids, log_prob[chosen].copy(), backoff[chosen].copy()))
+            parent = keys[chosen] // self._base - (self._offsets[k - 2] if k > 1 else 0)  # among the (k-1)-grams
+            out.append(Level(parent, keys[chosen] % self._base, log_prob[chosen].copy(), backoff[chosen].copy()))
+        return out
+
+    def ngrams(self) -> list[NGrams]:
+        """The model's n-grams by order (token ids int64 in lexicographic order, values float32)."""
+        out: list[NGrams] = []
+        ids = np.zeros((1, 0), dtype=np.int64)  # the root: no tokens
+        for level in self.levels():
+            ids = np.concatenate([ids[level.parent], level.token[:, None]], axis=1)
+            out.append(NGrams(ids, level.log_prob, level.backoff))
         return out
 
     @classmethod
