@@ -97,3 +97,40 @@ def run_export(args: argparse.Namespace) -> int:
         }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def add_recover_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="an fp32 bundle directory REPO/NAME/VERSION (e.g. models/g2p-en/2)")
+    p.add_argument("--out", type=Path, required=True, help="the checkpoint to write (e.g. runs/g2p-en-2.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+
+def run_recover(args: argparse.Namespace) -> int:
+    """A training checkpoint from a bundle's graphs (to fine-tune, ensemble, distill from or re-export it)."""
+    from export.onnx_export import ExportError
+    from export.recover import recover
+    from training.train import save_checkpoint
+
+    if not args.bundle.is_dir():
+        print(f"seqserve recover: not a bundle directory: {args.bundle}", file=sys.stderr)
+        return 2
+    if args.out.exists() and not args.overwrite:
+        print(f"seqserve recover: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        ckpt = recover(args.bundle)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(ckpt, args.out)
+    except ExportError as exc:
+        print(f"seqserve recover: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"seqserve recover: cannot write {exc.filename or args.out}: {exc.strerror}", file=sys.stderr)
+        return 1
+    params = sum(t.numel() for t in ckpt["model"].values())
+    print(
+        f"seqserve recover: {ckpt['recovered_from']['bundle']} -> {args.out} ({params:,} weights; the re-exported"
+        " graphs equal the bundle's bit for bit)"
+    )
+    return 0

@@ -1,4 +1,4 @@
-"""The ``seqserve`` command: serve, translate, models (serving install); train, eval, export (train extra)."""
+"""The ``seqserve`` command: serve, translate, models (serving install); train, eval, export, recover (train extra)."""
 
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def _torch_side(module: str, func: str, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from export.cli import add_export_args
+    from export.cli import add_export_args, add_recover_args
     from training.cli import (
         add_average_args,
         add_calibrate_args,
@@ -246,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     add_export_args(sub.add_parser("export", help="export a checkpoint to a bundle (needs seqserve[train])"))
+    add_recover_args(
+        sub.add_parser(
+            "recover",
+            help="a training checkpoint from an fp32 bundle, to fine-tune, ensemble or re-export it (train extra)",
+        )
+    )
     return parser
 
 
@@ -265,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibrate": ("training.cli", "run_calibrate"),
         "graphone": ("training.cli", "run_graphone"),
         "export": ("export.cli", "run_export"),
+        "recover": ("export.cli", "run_recover"),
     }
     module, func = torch_side[args.command]
     return _torch_side(module, func, args)

@@ -8,14 +8,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from export.onnx_export import ExportError
 from export.pipeline import GRAPH_RTOL, GRAPH_TOLERANCE, ExportOptions, bound_ratio, export_checkpoint
+from export.recover import recover
 from service.runtime.bundle import Bundle
 from service.runtime.manifest import read_manifest, sha256_file, verify_files
 from tests.training.test_training import ARCHITECTURES, TINY
 from training.config import load_config
-from training.train import Trainer
+from training.train import Trainer, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,6 +46,13 @@ def test_every_architecture_exports_with_nbest_parity(name: str, tmp_path: Path)
     assert bundle.manifest.architecture["cell"] in ("lstm", "gru", "rnn")
     ops = {n.op_type for n in onnx.load(str(target / "encoder.onnx")).graph.node}
     assert {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[bundle.manifest.architecture["cell"]] in ops
+    # and `seqserve recover` gives back exactly the weights that went in
+    original, recovered = load_checkpoint(ckpt), recover(target)
+    assert recovered["model"].keys() == original["model"].keys()
+    for key, tensor in original["model"].items():
+        assert torch.equal(recovered["model"][key], tensor), (name, key)
+    assert recovered["config"]["model"] == original["config"]["model"]
+    assert recovered["vocabs"] == original["vocabs"] and recovered["tokenizers"] == original["tokenizers"]
 
 
 def test_graph_parity_bound_is_tight_near_certainty_and_relative_in_the_tail() -> None:
@@ -126,6 +135,9 @@ def test_offline_optimised_bundle_keeps_parity(tmp_path: Path) -> None:
     assert manifest.parity["nbest_identical"] == 30
     verify_files(target, read_manifest(target))  # hashes are of the optimised graphs
     Bundle(target)
+    recovered = recover(target)  # onnxruntime's layout of the weights is recognised too
+    for key, tensor in load_checkpoint(ckpt)["model"].items():
+        assert torch.equal(recovered["model"][key], tensor), key
 
 
 def test_ensemble_of_different_architectures_exports_with_nbest_parity(tmp_path: Path) -> None:
