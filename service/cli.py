@@ -8,6 +8,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,9 @@ def _torch_side(module: str, func: str, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    # torch's C++ warnings (the TorchScript exporter prints six shape-inference notes per export) are not the user's
+    # business; an explicit TORCH_CPP_LOG_LEVEL still wins. Set before torch is first imported, which is below.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     result: int = getattr(importlib.import_module(module), func)(args)
     return result
 
