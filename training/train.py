@@ -11,6 +11,7 @@ Run directory layout (``--out DIR``)::
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -51,6 +52,8 @@ from training.model import Seq2Seq, StepModel, count_parameters, nll_loss, soft_
 from training.teacher import Teacher, teacher_paths
 
 CHECKPOINT_FORMAT = 1
+# model settings that may differ from train.init_from's: no weight's shape or meaning depends on them
+FREE = ("dropout", "emb_dropout", "temperature", "forget_bias")
 
 
 @dataclass
@@ -274,7 +277,12 @@ class Trainer:
             torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.train.seed)
         self.data = load_datasets(cfg.data, cfg.train.seed)
-        self.src_tok, self.tgt_tok, self.files = build_tokenizers(cfg.data, self.data)
+        self.init_ckpt = self._init_checkpoint(Path(cfg.train.init_from)) if cfg.train.init_from else None
+        if self.init_ckpt is not None:  # fine-tuning: the checkpoint's tokenizers, not ones built from this data
+            self.src_tok, self.tgt_tok = tokenizers_from_checkpoint(self.init_ckpt)
+            self.files = dict(self.init_ckpt.get("files", {}))
+        else:
+            self.src_tok, self.tgt_tok, self.files = build_tokenizers(cfg.data, self.data)
         if cfg.data.distill:  # a teacher's outputs as targets; tokenizers still from the data set's references
             pairs = distillation_pairs(cfg.data.distill, self.data.train)
             self.data.source["distill"] = Path(cfg.data.distill).name
@@ -289,6 +297,7 @@ class Trainer:
             and len(self.tgt_tok.tokenize(p[1])) < cfg.data.max_tgt_len
         ]
         self.dropped_pairs = len(pairs) - len(self.pairs)
+        self.unknown_source = self._unknown_tokens() if self.init_ckpt is not None else {}
         self.model = Seq2Seq(cfg.model, len(self.src_tok.vocab), len(self.tgt_tok.vocab)).to(self.device)
         self.teacher: Teacher | None = None
         if cfg.train.teacher:  # word-level distillation: the teacher's distributions as soft targets
@@ -370,17 +379,57 @@ class Trainer:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         return True
 
-    def init_weights(self, path: Path) -> None:
+    def _init_checkpoint(self, path: Path) -> dict[str, Any]:
+        """``train.init_from``, read once; its architecture must be this config's (sizes, cell, attention...)."""
         if not path.is_file():
             raise ConfigError(f"train.init_from: {path} not found")
         try:
             ckpt = load_checkpoint(path)
         except ValueError as exc:
             raise ConfigError(f"train.init_from: {exc}") from exc
+        theirs, ours = ckpt["config"]["model"], dataclasses.asdict(self.cfg.model)
+        differ = [
+            f"{k} {theirs.get(k)!r} (here {v!r})" for k, v in ours.items() if k not in FREE and theirs.get(k) != v
+        ]
+        if differ:
+            raise ConfigError(
+                f"train.init_from: {path} has another architecture: {', '.join(differ)}; set the same with --set"
+                " model.KEY=VALUE"
+            )
+        return ckpt
+
+    def _unknown_tokens(self) -> dict[str, int]:
+        """Fine-tuning keeps the checkpoint's vocabularies: target tokens outside them are refused (the model could
+        only learn to write <unk>); source tokens outside them are read as <unk>, counted and reported."""
+        unknown: dict[str, dict[str, int]] = {"src": {}, "tgt": {}}
+        for pair in self.pairs:
+            for side, text, tok in (("src", pair[0], self.src_tok), ("tgt", pair[1], self.tgt_tok)):
+                for token in tok.tokenize(text):
+                    if token not in tok.vocab.stoi:
+                        unknown[side][token] = unknown[side].get(token, 0) + 1
+        if unknown["tgt"]:
+            shown = ", ".join(f"{t!r} x{n}" for t, n in sorted(unknown["tgt"].items(), key=lambda x: -x[1])[:10])
+            raise ConfigError(
+                f"train.init_from: the training targets use {len(unknown['tgt'])} token(s) the checkpoint's"
+                f" vocabulary does not have ({shown}); fine-tuning keeps its vocabularies: map them to known tokens,"
+                " or train from scratch without init_from"
+            )
+        return unknown["src"]
+
+    def init_weights(self, path: Path) -> None:
+        ckpt = self.init_ckpt if self.init_ckpt is not None else self._init_checkpoint(path)
         if ckpt["vocabs"]["src"] != self.src_tok.vocab.itos or ckpt["vocabs"]["tgt"] != self.tgt_tok.vocab.itos:
             raise ConfigError(f"train.init_from: {path} was trained with other vocabularies")
         self.model.load_state_dict(ckpt["model"])
         self.log({"event": "init_from", "path": str(path), "steps_before": ckpt["state"]["step"]})
+        if self.unknown_source and self.is_main:
+            shown = ", ".join(f"{t!r} x{n}" for t, n in sorted(self.unknown_source.items(), key=lambda x: -x[1])[:10])
+            print(
+                f"seqserve train: {sum(self.unknown_source.values())} source token(s) of the training data are not in"
+                f" {path.name}'s vocabulary and are read as <unk>: {shown}",
+                flush=True,
+            )
+            self.log({"event": "unknown_source_tokens", "tokens": self.unknown_source})
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.is_main:
