@@ -2,11 +2,12 @@
 
 A bundle holds its weights only as the initializers of its two ONNX graphs. The exporter lays every parameter out
 there by a permutation: LSTM / GRU gates reordered, weight matrices transposed, biases concatenated, nothing
-computed. So export a model of the bundle's architecture whose every parameter element holds its own index, and each
-initializer element names the parameter element it came from; the bundle's value at the same place is that
-element's weight. Graphs the exporter did not lay out this way (int8 quantized, ensembles) are refused with the
-reason. The recovered model is re-exported and must give the bundle's initializers bit for bit; only then is the
-checkpoint written.
+computed from two parameters. So a model of the bundle's architecture is exported twice with random weights: every
+parameter element then carries a unique pair of values (a 64-bit mark), each initializer element's mark names the
+parameter element it is a copy of, and the bundle's value at the same place is that element's weight. Initializer
+elements alike in both exports are constants and must equal the bundle's. Graphs the exporter did not lay out this
+way are refused with the reason, as are int8 bundles (rounded weights) and ensembles. The recovered model is
+exported once more and must give the bundle's initializers bit for bit; only then is the checkpoint returned.
 
 What for: fine-tuning a shipped model on one's own lexicon (``train.init_from``), ensembling it
 (``seqserve eval/export A.pt B.pt``), distilling from it, or re-exporting it (another opset, int8) when only the
@@ -155,7 +156,8 @@ def recover(directory: Path) -> dict[str, Any]:
     ranked = keys[order]
     if (ranked[1:] == ranked[:-1]).any():  # two random 64-bit marks alike: never seen; refuse rather than guess
         raise ExportError("recover: two parameters drew the same marks; run it again")
-    flat = torch.full((total,), math.nan, dtype=torch.float32)
+    flat = torch.zeros(total, dtype=torch.float32)
+    assigned = torch.zeros(total, dtype=torch.bool)
     for i, (name, graph_value) in enumerate(target):
         a, b, value = (x.reshape(-1) for x in (passes[0][i][1], passes[1][i][1], graph_value))
         key = _keys(a, b)
@@ -166,11 +168,11 @@ def recover(directory: Path) -> dict[str, Any]:
             raise ExportError(f"{name}: a weight the exporter computes from several parameters; cannot recover")
         index = torch.from_numpy(order[at[found]])
         got = torch.from_numpy(np.ascontiguousarray(value[found], dtype=np.float32))
-        seen = flat[index]
-        if (~torch.isnan(seen) & (seen != got)).any():
+        if (assigned[index] & (flat[index] != got)).any():
             raise ExportError(f"{name}: one weight has two different values in the graphs; cannot recover")
         flat[index] = got
-    missing = torch.isnan(flat)
+        assigned[index] = True
+    missing = ~assigned
     offset = 0
     for pname, p in model.named_parameters():
         if missing[offset : offset + p.numel()].any():

@@ -19,7 +19,8 @@ import os
 import pickle
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ from training.teacher import Teacher, teacher_paths
 CHECKPOINT_FORMAT = 1
 # model settings that may differ from train.init_from's: no weight's shape or meaning depends on them
 FREE = ("dropout", "emb_dropout", "temperature", "forget_bias")
+MAX_UNKNOWN_TARGETS = 0.01  # fine-tuning: share of target tokens outside the checkpoint's vocabulary tolerated
+
+
+def _most_common(counts: Mapping[str, int], shown: int = 10) -> str:
+    return ", ".join(f"{t!r} x{n}" for t, n in sorted(counts.items(), key=lambda x: (-x[1], x[0]))[:shown])
 
 
 @dataclass
@@ -297,7 +303,7 @@ class Trainer:
             and len(self.tgt_tok.tokenize(p[1])) < cfg.data.max_tgt_len
         ]
         self.dropped_pairs = len(pairs) - len(self.pairs)
-        self.unknown_source = self._unknown_tokens() if self.init_ckpt is not None else {}
+        self.unknown = self._unknown_tokens() if self.init_ckpt is not None else {"src": {}, "tgt": {}}
         self.model = Seq2Seq(cfg.model, len(self.src_tok.vocab), len(self.tgt_tok.vocab)).to(self.device)
         self.teacher: Teacher | None = None
         if cfg.train.teacher:  # word-level distillation: the teacher's distributions as soft targets
@@ -398,23 +404,28 @@ class Trainer:
             )
         return ckpt
 
-    def _unknown_tokens(self) -> dict[str, int]:
-        """Fine-tuning keeps the checkpoint's vocabularies: target tokens outside them are refused (the model could
-        only learn to write <unk>); source tokens outside them are read as <unk>, counted and reported."""
-        unknown: dict[str, dict[str, int]] = {"src": {}, "tgt": {}}
-        for pair in self.pairs:
-            for side, text, tok in (("src", pair[0], self.src_tok), ("tgt", pair[1], self.tgt_tok)):
-                for token in tok.tokenize(text):
-                    if token not in tok.vocab.stoi:
-                        unknown[side][token] = unknown[side].get(token, 0) + 1
-        if unknown["tgt"]:
-            shown = ", ".join(f"{t!r} x{n}" for t, n in sorted(unknown["tgt"].items(), key=lambda x: -x[1])[:10])
+    def _unknown_tokens(self) -> dict[str, dict[str, int]]:
+        """Fine-tuning keeps the checkpoint's vocabularies; the training data's tokens outside them, per side (a copy
+        model's target tokens that its source holds are not: it copies them). Sources read them as <unk>, as the
+        server does; targets with more than MAX_UNKNOWN_TARGETS of them are refused (another token set: the model
+        would learn to write <unk>)."""
+        unknown: dict[str, Counter[str]] = {"src": Counter(), "tgt": Counter()}
+        targets = 0
+        for src_text, tgt_text in self.pairs:
+            src = self.src_tok.tokenize(src_text)
+            tgt = self.tgt_tok.tokenize(tgt_text)
+            targets += len(tgt)
+            copyable = set(src) if self.cfg.model.copy else set()
+            unknown["src"].update(t for t in src if t not in self.src_tok.vocab.stoi)
+            unknown["tgt"].update(t for t in tgt if t not in self.tgt_tok.vocab.stoi and t not in copyable)
+        share = sum(unknown["tgt"].values()) / max(targets, 1)
+        if share > MAX_UNKNOWN_TARGETS:
             raise ConfigError(
-                f"train.init_from: the training targets use {len(unknown['tgt'])} token(s) the checkpoint's"
-                f" vocabulary does not have ({shown}); fine-tuning keeps its vocabularies: map them to known tokens,"
-                " or train from scratch without init_from"
+                f"train.init_from: {100 * share:.1f}% of the training targets' tokens are not in the checkpoint's"
+                f" vocabulary ({_most_common(unknown['tgt'])}); fine-tuning keeps its vocabularies: map them to known"
+                " tokens, or train from scratch without init_from"
             )
-        return unknown["src"]
+        return {side: dict(counts) for side, counts in unknown.items()}
 
     def init_weights(self, path: Path) -> None:
         ckpt = self.init_ckpt if self.init_ckpt is not None else self._init_checkpoint(path)
@@ -422,14 +433,16 @@ class Trainer:
             raise ConfigError(f"train.init_from: {path} was trained with other vocabularies")
         self.model.load_state_dict(ckpt["model"])
         self.log({"event": "init_from", "path": str(path), "steps_before": ckpt["state"]["step"]})
-        if self.unknown_source and self.is_main:
-            shown = ", ".join(f"{t!r} x{n}" for t, n in sorted(self.unknown_source.items(), key=lambda x: -x[1])[:10])
-            print(
-                f"seqserve train: {sum(self.unknown_source.values())} source token(s) of the training data are not in"
-                f" {path.name}'s vocabulary and are read as <unk>: {shown}",
-                flush=True,
-            )
-            self.log({"event": "unknown_source_tokens", "tokens": self.unknown_source})
+        for side, read in (("src", "are read as <unk>"), ("tgt", "are learned as <unk>")):
+            counts = self.unknown[side]
+            if counts and self.is_main:
+                what = "source" if side == "src" else "target"
+                print(
+                    f"seqserve train: {sum(counts.values())} {what} token(s) of the training data are not in"
+                    f" {path.name}'s vocabulary and {read}: {_most_common(counts)}",
+                    flush=True,
+                )
+                self.log({"event": f"unknown_{what}_tokens", "tokens": counts})
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.is_main:

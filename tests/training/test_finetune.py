@@ -16,9 +16,9 @@ from training.train import load_checkpoint
 ARCH = [o for o in TINY_MODEL if o.startswith("model.")]
 
 
-def write_tsv(path: Path, n: int, seed: int, silent: str = "", extra_target: str = "") -> Path:
-    """Reversal pairs over the tiny model's letters; ``silent`` is appended to some sources and not spoken,
-    ``extra_target`` appended to some targets."""
+def write_tsv(path: Path, n: int, seed: int, silent: str = "", extra_target: str = "", every: int = 5) -> Path:
+    """Reversal pairs over the tiny model's letters; ``silent`` is appended to every fourth source and not spoken,
+    ``extra_target`` to every ``every``-th target."""
     rng = random.Random(seed)
     lines = []
     for i in range(n):
@@ -26,7 +26,7 @@ def write_tsv(path: Path, n: int, seed: int, silent: str = "", extra_target: str
         target = " ".join(reversed(word))
         if silent and i % 4 == 0:
             word += silent
-        if extra_target and i % 5 == 0:
+        if extra_target and i % every == 0:
             target += f" {extra_target}"
         lines.append(f"{word}\t{target}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -76,10 +76,22 @@ def test_targets_outside_the_vocabulary_and_other_architectures_are_refused_in_o
         return err
 
     dev = f"data.dev={write_tsv(tmp_path / 'dev.tsv', 20, 2)}"
-    bad = f"data.train={write_tsv(tmp_path / 'bad.tsv', 50, 1, extra_target='XX')}"
+    bad = f"data.train={write_tsv(tmp_path / 'bad.tsv', 50, 1, extra_target='XX')}"  # in every fifth target
     err = refused(bad, dev, f"train.init_from={tiny_checkpoint}")
-    assert "1 token(s) the checkpoint's vocabulary does not have ('XX' x10)" in err
+    assert "% of the training targets' tokens are not in the checkpoint's vocabulary ('XX' x10)" in err
     good = f"data.train={write_tsv(tmp_path / 'good.tsv', 50, 1)}"
     err = refused(good, dev, f"train.init_from={tiny_checkpoint}", "model.dec_hidden=64")
     assert "another architecture: dec_hidden 48 (here 64)" in err
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_rare_target_token_outside_the_vocabulary_is_learned_as_unk_and_reported(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = write_tsv(tmp_path / "train.tsv", 200, 1, extra_target="XX", every=100)  # 2 of ~1,500 target tokens
+    sets = ["data.dataset=tsv", f"data.train={train}", f"data.dev={write_tsv(tmp_path / 'dev.tsv', 20, 2)}"]
+    assert run(tmp_path / "run", *sets, "train.max_steps=2", f"train.init_from={tiny_checkpoint}") == 0
+    assert (
+        "2 target token(s) of the training data are not in best.pt's vocabulary and are learned as <unk>: 'XX' x2"
+        in (capsys.readouterr().out)
+    )
