@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         run = args.out / f"seed-{seed}"
         command = member_command(args.config, run, seed, args.minutes, args.overrides)
         with (args.out / f"seed-{seed}.log").open("wb") as log:
-            procs[seed] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+            procs[seed] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = started + 60 * (args.minutes + args.grace)
     while any(proc.poll() is None for proc in procs.values()) and time.monotonic() < deadline:
         time.sleep(1.0)
@@ -94,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             target = args.export / f"member-seed-{seed}.pt"
             save_checkpoint(half_weights(load_checkpoint(best)), target)
             record["exported"] = str(target)
-        failed |= not best.is_file()
+        if not best.is_file():  # say why where only this output comes back (a lease)
+            lines = (args.out / f"seed-{seed}.log").read_text(errors="replace").strip().splitlines()
+            record["log_tail"] = lines[-3:]
+            failed = True
         print(json.dumps(record), flush=True)
     return 1 if failed else 0
 

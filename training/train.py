@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from service.text import SPECIALS, Tokenizer, TokenizerSpec, Vocab, extend_source, ids_to_tokens
 from training.average import slim_checkpoint
-from training.config import Config, ConfigError, DataConfig, config_from_dict
+from training.config import Config, ConfigError, DataConfig, ModelConfig, config_from_dict
 from training.data import (
     Batch,
     DataError,
@@ -393,7 +393,8 @@ class Trainer:
             ckpt = load_checkpoint(path)
         except ValueError as exc:
             raise ConfigError(f"train.init_from: {exc}") from exc
-        theirs, ours = ckpt["config"]["model"], dataclasses.asdict(self.cfg.model)
+        theirs = dataclasses.asdict(ModelConfig(**ckpt["config"]["model"]))  # older checkpoints: defaults filled in
+        ours = dataclasses.asdict(self.cfg.model)
         differ = [
             f"{k} {theirs.get(k)!r} (here {v!r})" for k, v in ours.items() if k not in FREE and theirs.get(k) != v
         ]

@@ -41,7 +41,13 @@ def test_a_member_stopped_before_its_first_epoch_fails_the_call(
     # 0.6 s in all: not even torch is imported by then, so the run is stopped hard and has no best.pt
     assert main(["--out", str(tmp_path), "--seeds", "1", "--minutes", "0.001", "--grace", "0.01", *SETS]) == 1
     (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert record["seed"] == 1 and record["exit"] != 0 and "exported" not in record
+    assert record["seed"] == 1 and record["exit"] != 0 and "exported" not in record and "log_tail" in record
+
+
+def test_a_member_that_cannot_start_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--out", str(tmp_path), "--seeds", "1", "--minutes", "1", *SETS, "--set", "train.lr=-1"]) == 1
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["exit"] == 2 and any("train.lr must be in (0, inf)" in line for line in record["log_tail"])
 
 
 def test_members_need_distinct_seeds(tmp_path: Path) -> None:
