@@ -97,3 +97,20 @@ def test_graphs_this_exporter_does_not_write_are_refused(tiny_bundle: Path, tmp_
     write_manifest(copy, dataclasses.replace(manifest, files=files))
     with pytest.raises(ExportError, match="not laid out as this version exports"):
         recover(copy)
+
+
+def test_a_sentencepiece_bundle_recovers_with_its_tokenizer_models(tmp_path: Path) -> None:
+    from export.pipeline import ExportOptions, export_checkpoint
+    from tests.export.test_export import trained_checkpoint
+
+    sp = ["data.src_tokenizer=sentencepiece", "data.tgt_tokenizer=sentencepiece", "data.sp_vocab_size=30"]
+    ckpt = trained_checkpoint(tmp_path, sp, steps=10)
+    target = tmp_path / "repo" / "sp" / "1"
+    export_checkpoint(ckpt, target, ExportOptions(name="sp", version=1, parity_limit=10, progress=False))
+    original, recovered = load_checkpoint(ckpt), recover(target)
+    assert recovered["files"] == original["files"] and set(recovered["files"]) == {"src_spm.model", "tgt_spm.model"}
+    assert recovered["tokenizers"] == original["tokenizers"]
+    for key, tensor in original["model"].items():
+        assert torch.equal(recovered["model"][key], tensor), key
+    _, _, src_tok, _ = model_from_checkpoint(recovered)
+    assert src_tok.tokenize("abcab") == model_from_checkpoint(original)[2].tokenize("abcab")
