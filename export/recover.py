@@ -33,7 +33,7 @@ from export.pipeline import optimize_graphs
 from service.runtime.manifest import BundleError, Manifest, read_manifest, sha256_file, verify_files
 from service.text import SPECIALS, Tokenizer
 from training.config import Config, ConfigError, ModelConfig, TrainConfig, config_from_dict
-from training.data import Example, make_batch
+from training.data import make_batch
 from training.model import Seq2Seq
 from training.train import CHECKPOINT_FORMAT
 
@@ -80,9 +80,7 @@ def _sample_batch(src_tok: Tokenizer, tgt_tok: Tokenizer, copy: bool) -> Any:
         words = tok.vocab.itos[len(SPECIALS) :] or ["a"]
         return tok.detokenize([rng.choice(words) for _ in range(n)])
 
-    pairs = [(text(src_tok, n), text(tgt_tok, 3)) for n in range(9, 1, -1)]
-    examples = [Example(s, (t,)) for s, t in pairs]
-    return make_batch([(ex.src, ex.refs[0]) for ex in examples], src_tok, tgt_tok, copy)
+    return make_batch([(text(src_tok, n), text(tgt_tok, 3)) for n in range(9, 1, -1)], src_tok, tgt_tok, copy)
 
 
 def _initializers(directory: Path) -> list[tuple[str, np.ndarray[Any, Any]]]:
@@ -182,7 +180,6 @@ def recover(directory: Path) -> dict[str, Any]:
     for (name, a), (_, b) in zip(check, target, strict=True):
         if not np.array_equal(a, b):
             raise ExportError(f"{name}: the recovered model re-exports to other weights; cannot recover")
-    model.eval()
     training = manifest.training
     best = training.get("best_dev", {})
     files = {s.model: (directory / s.model).read_bytes() for s in manifest.tokenizers.values() if s.model}

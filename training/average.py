@@ -28,7 +28,7 @@ def slim_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ckpt.items() if k not in ("optimizer", "rng")}
 
 
-def _model_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
+def model_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint's model config with defaults filled in (older checkpoints lack newer keys)."""
     return dataclasses.asdict(ModelConfig(**ckpt["config"]["model"]))
 
@@ -39,7 +39,7 @@ def average_checkpoints(checkpoints: Sequence[dict[str, Any]], paths: Sequence[s
         raise AverageError("give at least one checkpoint")
     first = checkpoints[0]
     for path, ckpt in zip(paths[1:], checkpoints[1:], strict=True):
-        mine, theirs = _model_settings(ckpt), _model_settings(first)
+        mine, theirs = model_settings(ckpt), model_settings(first)
         if mine != theirs:  # (a calibrated copy differs from its run's epochs in temperature only)
             differing = ", ".join(sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)))
             raise AverageError(f"{path} has a different model architecture than {paths[0]} ({differing})")

@@ -31,8 +31,8 @@ from torch import nn
 from tqdm import tqdm
 
 from service.text import SPECIALS, Tokenizer, TokenizerSpec, Vocab, extend_source, ids_to_tokens
-from training.average import slim_checkpoint
-from training.config import Config, ConfigError, DataConfig, ModelConfig, config_from_dict
+from training.average import model_settings, slim_checkpoint
+from training.config import Config, ConfigError, DataConfig, config_from_dict
 from training.data import (
     Batch,
     DataError,
@@ -393,11 +393,8 @@ class Trainer:
             ckpt = load_checkpoint(path)
         except ValueError as exc:
             raise ConfigError(f"train.init_from: {exc}") from exc
-        theirs = dataclasses.asdict(ModelConfig(**ckpt["config"]["model"]))  # older checkpoints: defaults filled in
-        ours = dataclasses.asdict(self.cfg.model)
-        differ = [
-            f"{k} {theirs.get(k)!r} (here {v!r})" for k, v in ours.items() if k not in FREE and theirs.get(k) != v
-        ]
+        theirs, ours = model_settings(ckpt), dataclasses.asdict(self.cfg.model)
+        differ = [f"{k} {theirs[k]!r} (here {v!r})" for k, v in ours.items() if k not in FREE and theirs[k] != v]
         if differ:
             raise ConfigError(
                 f"train.init_from: {path} has another architecture: {', '.join(differ)}; set the same with --set"
@@ -429,9 +426,9 @@ class Trainer:
         return {side: dict(counts) for side, counts in unknown.items()}
 
     def init_weights(self, path: Path) -> None:
-        ckpt = self.init_ckpt if self.init_ckpt is not None else self._init_checkpoint(path)
-        if ckpt["vocabs"]["src"] != self.src_tok.vocab.itos or ckpt["vocabs"]["tgt"] != self.tgt_tok.vocab.itos:
-            raise ConfigError(f"train.init_from: {path} was trained with other vocabularies")
+        """Load ``train.init_from`` (read and checked in ``__init__``, which took its tokenizers too)."""
+        ckpt = self.init_ckpt
+        assert ckpt is not None, "init_weights runs only when train.init_from is set"
         self.model.load_state_dict(ckpt["model"])
         self.log({"event": "init_from", "path": str(path), "steps_before": ckpt["state"]["step"]})
         for side, read in (("src", "are read as <unk>"), ("tgt", "are learned as <unk>")):
